@@ -1,0 +1,64 @@
+"""Structured-config schemas: Hydra checks every YAML and override against these dataclasses.
+
+Each option's YAML starts with ``defaults: [/schema/<group>/<name>@_here_]``, so a wrong type
+or an unknown key fails at composition, before any work starts. The group options and their
+classes are listed once, in :mod:`neuralpde_cli.registry`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+from neuralpde_cli.registry import GROUPS
+from neuralpde_cli.training.samplers import SamplerConfig
+from neuralpde_cli.training.trainer import TrainerConfig
+
+@dataclass
+class DeviceConfig:
+    #: auto: CUDA when available, else CPU
+    name: str = "auto"
+
+
+@dataclass
+class InitConfig:
+    #: warm-start from an earlier run directory (its checkpoint or solution.npz)
+    from_run: Optional[str] = None
+
+
+@dataclass
+class ChainConfig:
+    #: > 1 runs a coarse-to-fine chain: resolution (n − 1)·2^k + 1 for k = 0 … levels − 1,
+    #: each level warm-started from the previous one and written to level_<k>/
+    levels: int = 1
+
+
+@dataclass
+class SolveConfig:
+    equation: Any = MISSING
+    ansatz: Any = MISSING
+    optimizer: Any = MISSING
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    multigrid: ChainConfig = field(default_factory=ChainConfig)
+    seed: int = 0
+    precision: str = "float64"
+    #: continue an interrupted run: the path of its run directory
+    resume: Optional[str] = None
+
+
+def register_configs() -> None:
+    """Store the root schema and one schema per group option (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="solve_schema", node=SolveConfig)
+    for group, options in GROUPS.items():
+        for name, option in options.items():
+            cs.store(group=f"schema/{group}", name=name, node=option.config_class)
+    cs.store(group="schema/sampler", name="sampler", node=SamplerConfig)
+    cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
+    cs.store(group="schema/device", name="device", node=DeviceConfig)

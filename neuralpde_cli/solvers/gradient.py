@@ -1,0 +1,69 @@
+"""Gradient training (Adam, L-BFGS, or Adam then L-BFGS) of any ansatz on its objective."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+
+from neuralpde_cli.errors import UserError
+from neuralpde_cli.run.rundir import RunDir
+from neuralpde_cli.training.trainer import Objective, Phase, Trainer, TrainerConfig
+
+SCHEDULES = ("cosine", "exponential", "constant")
+
+
+@dataclass
+class GradientConfig:
+    name: str = "adam_lbfgs"
+    lr: float = 1e-3
+    adam_steps: int = 2000
+    #: outer L-BFGS steps of ``lbfgs_iters`` iterations each (strong-Wolfe line search)
+    lbfgs_steps: int = 0
+    lbfgs_lr: float = 1.0
+    lbfgs_iters: int = 20
+    history: int = 50
+    schedule: str = "cosine"
+    final_lr_factor: float = 0.01
+
+
+class GradientSolver:
+    """Builds the phase plan (initial condition, Adam, L-BFGS) and hands it to the Trainer."""
+
+    def __init__(self, cfg: GradientConfig) -> None:
+        if cfg.lr <= 0 or cfg.lbfgs_lr <= 0:
+            raise UserError(f"optimizer.lr={cfg.lr} and optimizer.lbfgs_lr={cfg.lbfgs_lr} must be > 0")
+        if cfg.adam_steps < 0 or cfg.lbfgs_steps < 0 or cfg.adam_steps + cfg.lbfgs_steps == 0:
+            raise UserError(f"optimizer.adam_steps={cfg.adam_steps} and optimizer.lbfgs_steps="
+                            f"{cfg.lbfgs_steps} must be ≥ 0 and not both 0")
+        if cfg.lbfgs_iters <= 0 or cfg.history <= 0:
+            raise UserError("optimizer.lbfgs_iters and optimizer.history must be positive integers")
+        if cfg.schedule not in SCHEDULES:
+            raise UserError(f"optimizer.schedule={cfg.schedule!r} is unknown; choose one of "
+                            f"{list(SCHEDULES)}")
+        if not 0 < cfg.final_lr_factor <= 1:
+            raise UserError(f"optimizer.final_lr_factor={cfg.final_lr_factor} must be in (0, 1]")
+        self.cfg = cfg
+
+    def phases(self, trainer_cfg: TrainerConfig, objective: Objective) -> list[Phase]:
+        c = self.cfg
+        plan = []
+        if "ic" in objective.term_names and trainer_cfg.ic_steps > 0:
+            plan.append(Phase("ic", "adam", trainer_cfg.ic_steps, c.lr, c.schedule, c.final_lr_factor))
+        if c.adam_steps > 0:
+            plan.append(Phase("adam", "adam", c.adam_steps, c.lr, c.schedule, c.final_lr_factor))
+        if c.lbfgs_steps > 0:
+            plan.append(Phase("lbfgs", "lbfgs", c.lbfgs_steps, c.lbfgs_lr,
+                              lbfgs_iters=c.lbfgs_iters, history=c.history))
+        return plan
+
+    def run(self, model: torch.nn.Module, objective: Objective, trainer_cfg: TrainerConfig,
+            run: RunDir, evaluate: Callable[[], dict[str, float]], error_key: str,
+            resume: dict[str, Any] | None = None) -> Trainer:
+        trainer = Trainer(trainer_cfg, self.phases(trainer_cfg, objective), model, objective,
+                          run, evaluate, error_key)
+        if resume is not None:
+            trainer.load_state(resume)
+        trainer.fit(resume_step=trainer.step if resume is not None else None)
+        return trainer
