@@ -24,8 +24,8 @@ from neuralpde_cli.errors import UserError
 @dataclass
 class MLPConfig:
     name: str = "mlp"
-    width: int = 64
-    depth: int = 3
+    width: int = 32
+    depth: int = 2
     activation: str = "tanh"
     #: what the last layer means for a density: ``log`` (ℓ = f) or ``softplus`` (p = softplus f).
     output: str = "log"
@@ -110,6 +110,8 @@ class MLP(DensityAnsatz):
             self.register_buffer("initial_cov", initial[1])
             self.register_buffer("initial_precision", torch.linalg.inv(initial[1]))
         self.exact_initial_condition = cfg.hard_ic
+        #: log-densities grow like d: scale the last layer so the network's output stays O(1)
+        self.output_scale = max(1.0, (input_shift.shape[0] - 1) / 2.0) if has_time else 1.0
         n_in = input_shift.shape[0]
         sizes = [n_in] + [cfg.width] * cfg.depth + [1]
         self.layers = torch.nn.ModuleList(
@@ -134,7 +136,7 @@ class MLP(DensityAnsatz):
         h = (inputs - self.input_shift) / self.input_scale
         for layer in self.layers[:-1]:
             h = self.activation(layer(h))[0]
-        return self.layers[-1](h).squeeze(-1)
+        return self.output_scale * self.layers[-1](h).squeeze(-1)
 
     def _inputs(self, t: Tensor, x: Tensor) -> Tensor:
         return torch.cat([t.unsqueeze(-1), x], dim=-1)
@@ -159,7 +161,8 @@ class MLP(DensityAnsatz):
             da = dh @ layer.weight.T
             s2a = None if s2 is None else s2 @ layer.weight.T
             if k == len(self.layers) - 1:
-                h, dh, s2 = a, da, s2a
+                h, dh, s2 = (self.output_scale * a, self.output_scale * da,
+                             self.output_scale * s2a)
                 break
             h, f1, f2 = self.activation(a)
             f1b = f1.unsqueeze(-2)

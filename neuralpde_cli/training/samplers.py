@@ -19,7 +19,9 @@ class SamplerConfig:
     #: current solution (importance sampling, needs a samplable ansatz); mixture: both.
     name: str = "gaussian"
     batch_size: int = 256
-    #: envelope standard deviations covered (gaussian: scale, uniform: half-width)
+    #: envelope widths covered: each point's scale is uniform in [1/spread, spread] (gaussian),
+    #: or the box half-width in envelope stds (uniform). In high d a Gaussian's mass sits on a
+    #: thin shell, so a single inflated scale would miss it entirely; a range covers it.
     spread: float = 1.5
     #: t = T·u^time_power, u uniform: > 1 puts more points near t = 0 where p changes fastest
     time_power: float = 1.0
@@ -64,7 +66,9 @@ class CollocationSampler:
         if self.cfg.name == "uniform":
             box = 2.0 * self._uniform(t.shape[0] * self.equation.dim).reshape(t.shape[0], -1) - 1.0
             return mean + self.cfg.spread * std * box
-        return mean + self.cfg.spread * std * self._normal(t.shape[0], self.equation.dim)
+        lo = 1.0 / self.cfg.spread
+        scale = lo + (self.cfg.spread - lo) * self._uniform(t.shape[0]).unsqueeze(-1)
+        return mean + scale * std * self._normal(t.shape[0], self.equation.dim)
 
     def __call__(self, n: int | None = None) -> tuple[Tensor, Tensor]:
         n = n or self.cfg.batch_size

@@ -1,0 +1,29 @@
+"""Shared helpers: run the real CLI in a subprocess on tiny configs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+def run_cli(args: list[str], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """`neuralpde <args>` as a user runs it (the module form of the console script)."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "COLUMNS": "120"}
+    return subprocess.run([sys.executable, "-m", "neuralpde_cli.cli", *args], cwd=cwd,
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def read_summary(run_dir: Path) -> dict:
+    return json.loads((run_dir / "summary.json").read_text())
+
+
+@pytest.fixture
+def cli(tmp_path: Path):
+    def _run(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+        return run_cli(list(args), tmp_path, timeout)
+    return _run
