@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
               "(neuralpde --help)", file=sys.stderr)
         return 2
     module = __import__(SUBCOMMANDS[name][0], fromlist=["main"])
-    sys.argv = [f"neuralpde-{name}", *rest, *_resume_overrides(rest)]
+    from neuralpde_cli.registry import implied_choices
+    sys.argv = [f"neuralpde-{name}", *rest, *implied_choices(rest), *_resume_overrides(rest)]
     module.main()
     return 0
 

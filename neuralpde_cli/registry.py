@@ -87,3 +87,25 @@ def validate_combination(equation: str, ansatz: str, optimizer: str) -> None:
     if optimizer not in ansatzes[ansatz]:
         raise UserError(f"optimizer={optimizer} cannot train ansatz={ansatz} on "
                         f"equation={equation}; choose optimizer from {ansatzes[ansatz]}")
+
+
+#: a choice implies defaults for other groups the user did not name: the Fokker–Planck
+#: equation is solved with the Gaussian mixture, the mixture by time-marching, the steady
+#: problem on a grid by multigrid. Explicit choices always win.
+IMPLIED: dict[str, dict[str, dict[str, str]]] = {
+    "equation": {"fokker_planck": {"ansatz": "gmm"}, "diffusion": {"ansatz": "grid"}},
+    "ansatz": {"gmm": {"optimizer": "time_march"}, "grid": {"optimizer": "multigrid"}},
+}
+
+
+def implied_choices(args: list[str]) -> list[str]:
+    """Extra ``group=option`` overrides implied by the single choices in ``args``."""
+    chosen = {a.split("=", 1)[0]: a.split("=", 1)[1] for a in args
+              if "=" in a and a.split("=", 1)[0] in GROUPS}
+    extra: dict[str, str] = {}
+    for group in ("equation", "ansatz"):  # in order: an implied ansatz implies its optimizer
+        value = chosen.get(group, extra.get(group))
+        for target, choice in IMPLIED[group].get(value or "", {}).items():
+            if target not in chosen and target not in extra:
+                extra[target] = choice
+    return [f"{k}={v}" for k, v in extra.items()]

@@ -12,9 +12,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from neuralpde_cli.equations.base import DensityEquation
-from neuralpde_cli.run.rundir import RunDir
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from neuralpde_cli.run.rundir import MetricsWriter, RunDir
+from neuralpde_cli.training.checkpoint import save_checkpoint
 from neuralpde_cli.solvers.gradient import GradientSolver
-from neuralpde_cli.training.objectives import DensityObjective
+from neuralpde_cli.ansatz.mlp import MLP
+from neuralpde_cli.training.objectives import DensityObjective, GridObjective, SteadyPINNObjective
 from neuralpde_cli.training.samplers import CollocationSampler
 
 
@@ -23,7 +28,71 @@ def run_solver(cfg: DictConfig, equation: Any, ansatz: Any, solver: Any, run: Ru
     """Solve, write solution.npz, and return the summary fields (metrics, steps, ...)."""
     if isinstance(solver, GradientSolver):
         return _run_gradient(cfg, equation, ansatz, solver, run, resume_state)
-    raise NotImplementedError(type(solver).__name__)
+    if type(solver).__name__ == "TimeMarcher":
+        return _run_time_march(cfg, equation, ansatz, solver, run)
+    return _run_multigrid(cfg, equation, ansatz, solver, run)
+
+
+def _progress(total: float, label: str, enabled: bool) -> Progress:
+    return Progress(TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
+                    TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
+                    console=Console(stderr=True), disable=not enabled)
+
+
+def _save_solution_checkpoint(run: RunDir, solution: torch.nn.Module, steps: int) -> None:
+    """A checkpoint of a solver that has no optimizer: the solution module and the RNG."""
+    state = {"model": solution.state_dict(), "optimizer": {}, "scheduler": {}, "step": steps,
+             "phase_index": 0, "rng": {"torch": torch.get_rng_state()}}
+    for name in ("last", "best"):
+        save_checkpoint(run.checkpoints / f"{name}.pt", state)
+
+
+def _run_time_march(cfg: DictConfig, equation: DensityEquation, ansatz: Any, solver: Any,
+                    run: RunDir) -> dict[str, Any]:
+    """March the mixture's parameters in t; every accepted step is a row of metrics.csv."""
+    writer = MetricsWriter(run.metrics_csv, ["step", "phase", "t", "dt", "lstsq_residual",
+                                             "elapsed_s"])
+    progress = _progress(equation.t_final, "time-march", bool(cfg.trainer.progress))
+    steps = 0
+    with progress:
+        bar = progress.add_task("march", total=equation.t_final, info="")
+
+        def callback(t: float, info: dict[str, Any]) -> None:
+            nonlocal steps
+            steps += 1
+            writer.write({"step": steps, "phase": "march", "t": t, **info})
+            progress.update(bar, completed=t, info=f"t {t:.4g}  dt {info.get('dt', 0):.2e}")
+
+        result = solver.run(equation, ansatz, callback)
+    writer.close()
+    solution = result.ansatz
+    _save_solution_checkpoint(run, solution, steps)
+    metrics = _density_report(equation, solution, run)
+    return {"metrics": metrics, "steps": steps, "stop_reason": "t_final reached"}
+
+
+def _run_multigrid(cfg: DictConfig, equation: Any, ansatz: Any, solver: Any,
+                   run: RunDir) -> dict[str, Any]:
+    """Solve the grid system to tolerance; every cycle is a row of metrics.csv."""
+    n = ansatz.resolution
+    system = equation.discretize(n)
+    values, history = solver.solve(system, ansatz.values().detach())
+    with torch.no_grad():
+        ansatz.set_values(values)
+    writer = MetricsWriter(run.metrics_csv, ["step", "phase", "rel_residual", "elapsed_s"])
+    for row in history:
+        writer.write({"step": row["cycle"], "phase": "multigrid", **row})
+    writer.close()
+    _save_solution_checkpoint(run, ansatz, len(history))
+    return _grid_report(equation, ansatz, run, {"steps": len(history), "cycles": len(history)})
+
+
+def _grid_report(equation: Any, ansatz: Any, run: RunDir, extra: dict[str, Any]) -> dict[str, Any]:
+    n = ansatz.resolution
+    values = ansatz.values().detach()
+    metrics = equation.evaluate(values, n)
+    run.write_solution(equation.solution_arrays(values, n))
+    return {"metrics": metrics, "resolution": n, **extra}
 
 
 def _density_report(equation: DensityEquation, solution: torch.nn.Module, run: RunDir) -> dict[str, float]:
@@ -33,6 +102,24 @@ def _density_report(equation: DensityEquation, solution: torch.nn.Module, run: R
         metrics.update(extra(solution))
     run.write_solution(equation.solution_arrays(solution))
     return metrics
+
+
+#: nodes per side on which a mesh-free network's steady solution is compared with the grid
+PINN_EVAL_RESOLUTION = 65
+
+
+class _NetworkOnNodes:
+    """A network T(x, y) read at the nodes of the equation's grid, for the grid reports."""
+
+    def __init__(self, model: MLP, equation: Any, resolution: int) -> None:
+        self.model, self.resolution = model, resolution
+        system = equation.discretize(resolution)
+        xx, yy = torch.meshgrid(system.x, system.y, indexing="ij")
+        self.nodes = torch.stack([xx.reshape(-1), yy.reshape(-1)], dim=-1)
+
+    def values(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model(self.nodes).reshape(self.resolution, self.resolution)
 
 
 def _run_gradient(cfg: DictConfig, equation: Any, ansatz: Any, solver: GradientSolver,
@@ -46,8 +133,20 @@ def _run_gradient(cfg: DictConfig, equation: Any, ansatz: Any, solver: GradientS
                              lambda: equation.evaluate(ansatz, n_points=1024, quick=True),
                              "rel_l2_error", resume_state)
         metrics = _density_report(equation, ansatz, run)
+    elif isinstance(ansatz, MLP):
+        on_grid = _NetworkOnNodes(ansatz, equation, PINN_EVAL_RESOLUTION)
+        objective = SteadyPINNObjective(equation, ansatz, int(cfg.sampler.batch_size), generator)
+        trainer = solver.run(ansatz, objective, trainer_cfg, run,
+                             lambda: equation.evaluate(on_grid.values().detach(), on_grid.resolution),
+                             "rel_l2_error", resume_state)
+        metrics = _grid_report(equation, on_grid, run, {})["metrics"]
     else:
-        raise NotImplementedError(type(equation).__name__)
+        system = equation.discretize(ansatz.resolution)
+        objective = GridObjective(system, ansatz, str(cfg.ansatz.loss))
+        trainer = solver.run(ansatz, objective, trainer_cfg, run,
+                             lambda: equation.evaluate(ansatz.values().detach(), ansatz.resolution),
+                             "rel_l2_error", resume_state)
+        metrics = _grid_report(equation, ansatz, run, {})["metrics"]
     return {"metrics": metrics, "steps": trainer.step, "stop_reason": trainer.stop_reason,
             "final_loss": trainer.last_terms.get("loss"),
             "train_time_s": trainer.elapsed}

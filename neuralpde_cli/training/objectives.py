@@ -66,3 +66,42 @@ class DensityObjective:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.generator.set_state(state["generator"])
         self.frozen = tuple(state["frozen"]) if state["frozen"] else None
+
+
+class _Stateless:
+    """Objectives whose only randomness is a generator (or none) share this state handling."""
+
+    generator: torch.Generator | None = None
+
+    def freeze(self) -> None:
+        """Nothing to freeze: the loss is deterministic, or resampled by design."""
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"generator": self.generator.get_state() if self.generator is not None else []}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.generator is not None:
+            self.generator.set_state(state["generator"])
+
+
+class GridObjective(_Stateless):
+    """The classic grid approach: the grid values are the parameters; residual or energy loss."""
+
+    def __init__(self, system: Any, ansatz: Any, loss: str) -> None:
+        self.system, self.ansatz, self.loss = system, ansatz, loss
+        self.term_names = [loss]
+
+    def loss_terms(self, phase: str) -> dict[str, Tensor]:
+        return self.ansatz.loss_terms(self.system, self.loss)
+
+
+class SteadyPINNObjective(_Stateless):
+    """A mesh-free network on a steady problem: interior residual and boundary terms."""
+
+    def __init__(self, equation: Any, model: torch.nn.Module, n_points: int,
+                 generator: torch.Generator) -> None:
+        self.equation, self.model, self.n_points, self.generator = equation, model, n_points, generator
+        self.term_names = ["pde", "bc"]
+
+    def loss_terms(self, phase: str) -> dict[str, Tensor]:
+        return self.equation.pinn_loss_terms(self.model, self.n_points, self.generator)
