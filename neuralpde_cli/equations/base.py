@@ -208,6 +208,7 @@ class DensityEquation(torch.nn.Module):
         scale = torch.cat([0.5 * self.t_final * one, std[0].expand(self.dim)])
         return shift, scale
 
+    @torch.no_grad()
     def evaluate(self, ansatz: torch.nn.Module, n_points: int = 4096, seed: int = 1234,
                  quick: bool = False) -> dict[str, float]:
         """Errors against the exact solution on points drawn from it, at each eval time.
