@@ -89,7 +89,7 @@ class GridObjective(_Stateless):
 
     def __init__(self, system: Any, ansatz: Any, loss: str) -> None:
         self.system, self.ansatz, self.loss = system, ansatz, loss
-        self.term_names = [loss]
+        self.term_names = ["pde"]
 
     def loss_terms(self, phase: str) -> dict[str, Tensor]:
         return self.ansatz.loss_terms(self.system, self.loss)
