@@ -80,7 +80,7 @@ def test_same_seed_same_losses(cli, tmp_path: Path) -> None:
     ("equation.dim=0", "equation.dim=0 must be an integer ≥ 1"),
     ("sampler.batch_size=0", "sampler.batch_size=0 must be a positive integer"),
     ("equation.t_final=0", "equation.t_final=0.0 must be > 0"),
-    ("equation.initial_cov=[[1,2],[2,1]]", "not symmetric positive definite"),
+    ("equation.initial_cov=[[1.0,2.0],[2.0,1.0]]", "not symmetric positive definite"),
     ("equation.dim=abc", "equation.dim"),
     ("ansatz=grid", "ansatz=grid cannot solve equation=heat"),
 ])
@@ -112,6 +112,7 @@ def test_sweep_writes_a_summary_row_per_job(cli, tmp_path: Path) -> None:
     assert len(ok) == 2 and len(failed) == 2
     assert all(float(r["rel_l2_error"]) < 1 for r in ok)
     assert all("ansatz.width" in r["error"] for r in failed)
-    assert {r["override.optimizer.lr"] for r in rows} == {"1e-3", "3e-3"}
+    # Hydra's sweeper writes each swept value in its canonical form
+    assert {float(r["override.optimizer.lr"]) for r in rows} == {1e-3, 3e-3}
     assert (sweep / "sweep_error.png").exists()
     assert json.loads((sweep / "0" / "summary.json").read_text())["status"] == "completed"

@@ -7,16 +7,37 @@ Layout (documented in README): ``metrics.csv``, ``checkpoints/{last,best}.pt``, 
 from __future__ import annotations
 
 import csv
+import errno
 import io
 import json
 import math
+import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from neuralpde_cli.errors import UserError
-from neuralpde_cli.training.checkpoint import atomic_write
+from neuralpde_cli.training.checkpoint import atomic_write, stale_temp_files
+
+
+def check_writable(path: Path, what: str = "the run directory") -> None:
+    """A UserError naming ``path`` unless a file can be written and synced there (or, when it does
+    not exist yet, in the nearest folder above it): catches read-only, not-a-folder, full disks."""
+    target = Path(path)
+    probe_dir = target
+    while not probe_dir.exists() and probe_dir != probe_dir.parent:
+        probe_dir = probe_dir.parent
+    try:
+        if not probe_dir.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, f"{probe_dir} is not a directory")
+        with tempfile.TemporaryFile(dir=probe_dir) as handle:
+            handle.write(b"ok")
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise UserError(f"cannot write to {what} {target}: {exc.strerror or exc}") from None
 
 
 class RunDir:
@@ -25,11 +46,11 @@ class RunDir:
         try:
             (self.path / "plots").mkdir(parents=True, exist_ok=True)
             (self.path / "checkpoints").mkdir(exist_ok=True)
-            probe = self.path / ".write_test"
-            probe.write_text("ok")
-            probe.unlink()
         except OSError as exc:
             raise UserError(f"cannot write to the run directory {self.path}: {exc.strerror}") from None
+        check_writable(self.path)
+        for partial in stale_temp_files(self.path) + stale_temp_files(self.checkpoints):
+            partial.unlink(missing_ok=True)  # left by a killed process; the real files are whole
 
     @property
     def metrics_csv(self) -> Path:
@@ -76,9 +97,9 @@ class MetricsWriter:
     def __init__(self, path: Path, columns: list[str], resume_step: int | None = None) -> None:
         self.path = path
         self.columns = columns
-        if resume_step is not None and path.exists():
+        if resume_step is not None and path.exists() and path.stat().st_size > 0:
             with path.open(newline="") as handle:
-                rows = [r for r in csv.DictReader(handle) if int(r["step"]) <= resume_step]
+                rows = [r for r in csv.DictReader(handle) if _step_of(r) <= resume_step]
             old_columns = path.read_text().splitlines()[0].split(",")
             self.columns = old_columns
             text = io.StringIO()
@@ -114,6 +135,14 @@ def read_metrics(path: Path) -> dict[str, np.ndarray]:
         else:
             out[key] = np.array([float(v) if v not in ("", None) else math.nan for v in values])
     return out
+
+
+def _step_of(row: dict[str, Any]) -> float:
+    """A row's step; a row cut short by a killed process counts as past any checkpoint."""
+    try:
+        return int(row["step"]) if row.get("loss") not in ("", None) else math.inf
+    except (TypeError, ValueError):
+        return math.inf
 
 
 def _fmt(v: Any) -> Any:

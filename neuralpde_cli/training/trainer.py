@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from neuralpde_cli.errors import UserError
 from neuralpde_cli.run.rundir import MetricsWriter, RunDir
-from neuralpde_cli.training.checkpoint import load_checkpoint, save_checkpoint
+from neuralpde_cli.training.checkpoint import describe, load_checkpoint, save_checkpoint
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,24 @@ class TrainerConfig:
     grad_clip: float = 0.0
     progress: bool = True
     weights: dict[str, float] = field(default_factory=lambda: {"ic": 1.0, "pde": 1.0, "bc": 1.0})
+
+    def validate(self) -> None:
+        """Range of every field (types are the schema's job); a UserError names the first bad one."""
+        for name, low in (("log_every", 1), ("eval_every", 1), ("checkpoint_every", 1),
+                          ("ic_steps", 0), ("plateau_patience", 0), ("max_retries", 0)):
+            if getattr(self, name) < low:
+                raise UserError(f"trainer.{name}={getattr(self, name)} must be "
+                                + ("a positive integer" if low else "an integer ≥ 0"))
+        for name in ("loss_target", "grad_clip"):
+            if not getattr(self, name) >= 0:
+                raise UserError(f"trainer.{name}={getattr(self, name)} must be ≥ 0 (0: off)")
+        if not 0 < self.plateau_tol < 1:
+            raise UserError(f"trainer.plateau_tol={self.plateau_tol} must be in (0, 1)")
+        if not 0 < self.retry_lr_factor < 1:
+            raise UserError(f"trainer.retry_lr_factor={self.retry_lr_factor} must be in (0, 1)")
+        bad = {k: v for k, v in self.weights.items() if not 0 <= v < math.inf}
+        if bad:
+            raise UserError(f"trainer.weights {bad} must be finite and ≥ 0")
 
 
 @dataclass
@@ -71,15 +89,20 @@ class Objective(Protocol):
     def load_state_dict(self, state: dict[str, Any]) -> None: ...
 
 
+#: steps between the snapshots a NaN/Inf rolls back to
+SNAPSHOT_EVERY = 25
+
+
 class Diverged(Exception):
     """Training produced NaN/Inf more often than the retries allow."""
 
 
 class Interrupted(Exception):
-    """SIGINT or SIGTERM arrived; a checkpoint has been written."""
+    """SIGINT or SIGTERM arrived (during training: after a checkpoint was written)."""
 
-    def __init__(self, signum: int, step: int) -> None:
-        super().__init__(f"interrupted by {signal.Signals(signum).name} at step {step}")
+    def __init__(self, signum: int, step: int | None = None) -> None:
+        where = f" at step {step}" if step is not None else ""
+        super().__init__(f"interrupted by {signal.Signals(signum).name}{where}")
         self.signum = signum
         self.step = step
 
@@ -115,11 +138,7 @@ class Trainer:
                  evaluate: Callable[[], dict[str, float]], error_key: str = "rel_l2_error") -> None:
         if not phases or any(p.steps < 0 for p in phases):
             raise UserError("the optimizer needs at least one phase with steps ≥ 0")
-        for name in ("log_every", "eval_every", "checkpoint_every"):
-            if getattr(cfg, name) <= 0:
-                raise UserError(f"trainer.{name}={getattr(cfg, name)} must be a positive integer")
-        if cfg.max_retries < 0 or not 0 < cfg.retry_lr_factor < 1:
-            raise UserError("trainer.max_retries must be ≥ 0 and trainer.retry_lr_factor in (0, 1)")
+        cfg.validate()
         self.cfg = cfg
         self.phases = phases
         self.model = model
@@ -138,6 +157,7 @@ class Trainer:
         self.last_terms: dict[str, float] = {}
         self.last_error: float = math.nan
         self.stop_reason = "step budget"
+        self.window_best, self.since_best = math.inf, 0  # plateau detection
         self._build_optimizer()
 
     # --- optimizers -----------------------------------------------------------------------
@@ -215,14 +235,34 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "step": self.step, "phase_index": self.phase_index, "phase_step": self.phase_step,
+            "phase": self.phase.name if self.phase_index < len(self.phases) else "done",
             "elapsed": self.elapsed, "best": self.best, "retries": self.retries,
             "lr_scale": self.lr_scale, "objective": self.objective.state_dict(),
+            "plateau": [self.window_best, self.since_best], "last_terms": self.last_terms,
+            "stop_reason": self.stop_reason,
             "rng": {"torch": torch.get_rng_state(),
                     "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
         }
 
     def load_state(self, state: dict[str, Any]) -> None:
-        self.phase_index, self.phase_step = int(state["phase_index"]), int(state["phase_step"])
+        """Continue from ``state``; anything in it that does not fit this run is a UserError."""
+        try:
+            self._load_state(state)
+        except (KeyError, IndexError, TypeError, ValueError, RuntimeError) as exc:
+            raise UserError("the checkpoint does not match this run (was the config changed?): "
+                            f"{describe(exc)}") from None
+
+    def _load_state(self, state: dict[str, Any]) -> None:
+        plan = [(p.name, p.steps) for p in self.phases]
+        index, phase_step = int(state["phase_index"]), int(state["phase_step"])
+        done = index == len(self.phases)
+        expected = "done" if done else self.phases[index].name if 0 <= index < len(plan) else None
+        if expected is None or state.get("phase", expected) != expected \
+                or not (done or 0 <= phase_step <= self.phases[index].steps):
+            raise UserError(f"the checkpoint is at phase {state.get('phase', index)!r} step "
+                            f"{phase_step}, which this run's plan {plan} does not have (was the "
+                            "config changed?)")
+        self.phase_index, self.phase_step = index, phase_step
         self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
         self.best, self.retries = float(state["best"]), int(state["retries"])
         self.lr_scale = float(state["lr_scale"])
@@ -230,11 +270,15 @@ class Trainer:
             self.model.load_state_dict(state["model"])
         except RuntimeError as exc:
             raise UserError("the checkpoint does not match this model (was the config changed?): "
-                            f"{str(exc).splitlines()[0][:200]}") from None
-        self._build_optimizer()
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+                            f"{' '.join(str(exc).split())[:300]}") from None
+        if not done:  # a finished run has no optimizer left to continue
+            self._build_optimizer()
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
         self.objective.load_state_dict(state["objective"])
+        self.window_best, self.since_best = state.get("plateau", (math.inf, 0))
+        self.last_terms = dict(state.get("last_terms", {}))
+        self.stop_reason = str(state.get("stop_reason", self.stop_reason))
         torch.set_rng_state(state["rng"]["torch"])
         if torch.cuda.is_available() and state["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -250,10 +294,10 @@ class Trainer:
     def _rollback(self, good: dict[str, Any], what: str) -> None:
         self.retries += 1
         if self.retries > self.cfg.max_retries:
-            raise Diverged(f"training diverged at step {self.step} (phase {self.phase.name}): "
-                           f"{what} became NaN/Inf {self.retries} times; rolled back "
-                           f"{self.cfg.max_retries} times already. Lower optimizer.lr or the "
-                           "loss weights")
+            raise Diverged(f"training diverged at step {self.step + 1} (phase {self.phase.name}): "
+                           f"{what} is NaN/Inf; {self.cfg.max_retries} rollbacks with a lower "
+                           "learning rate did not help (trainer.max_retries). Lower optimizer.lr "
+                           "or the loss weights")
         self.lr_scale *= self.cfg.retry_lr_factor
         self.model.load_state_dict(good["model"])
         self.optimizer.load_state_dict(good["optimizer"])
@@ -265,7 +309,7 @@ class Trainer:
         if hasattr(self.scheduler, "eta_min"):
             self.scheduler.eta_min *= self.cfg.retry_lr_factor
         log.warning("step %d: %s became NaN/Inf; rolled back and lowered the learning rate "
-                    "to ×%.3g (retry %d of %d)", self.step, what, self.lr_scale, self.retries,
+                    "to ×%.3g (retry %d of %d)", self.step + 1, what, self.lr_scale, self.retries,
                     self.cfg.max_retries)
 
     def save(self, name: str = "last") -> None:
@@ -282,27 +326,30 @@ class Trainer:
                             TextColumn("{task.fields[info]}"), console=console,
                             disable=not self.cfg.progress, refresh_per_second=4)
         t_start = time.perf_counter() - self.elapsed
+        finished = self.phase_index >= len(self.phases)  # resumed from a finished run's checkpoint
         good = self._snapshot()
-        window_best, since_best = math.inf, 0
         try:
             with _SignalFlag() as flag, progress:
                 bar = progress.add_task("train", total=self.total_steps, completed=self.step,
-                                        phase=self.phase.name, info="")
+                                        phase="done" if finished else self.phase.name, info="")
                 while self.phase_index < len(self.phases):
                     if self.phase_step >= self.phase.steps:
                         if not self._next_phase():
                             break
-                        good, window_best, since_best = self._snapshot(), math.inf, 0
+                        good, self.window_best, self.since_best = self._snapshot(), math.inf, 0
                         continue
                     if flag.signum is not None:
                         self.elapsed = time.perf_counter() - t_start
                         self.save()
                         raise Interrupted(flag.signum, self.step)
+                    candidate = self._snapshot() if self.step % SNAPSHOT_EVERY == 0 else None
                     try:
                         loss, terms = self._step()
                     except FloatingPointError as exc:
                         self._rollback(good, str(exc))
                         continue
+                    if candidate is not None:  # its loss and gradient were finite: a good state
+                        good = candidate
                     self.step += 1
                     self.phase_step += 1
                     self.elapsed = time.perf_counter() - t_start
@@ -318,8 +365,6 @@ class Trainer:
                             self.best = self.last_error
                             self.save("best")
                     metrics.write(row)
-                    if self.step % 25 == 0:
-                        good = self._snapshot()
                     if self.step % self.cfg.checkpoint_every == 0:
                         self.save()
                     info = "  ".join(f"{k} {v:.3e}" for k, v in self.last_terms.items())
@@ -330,19 +375,23 @@ class Trainer:
                         log.info("step %d [%s] %s", self.step, self.phase.name, info)
                     if self.cfg.loss_target > 0 and loss < self.cfg.loss_target:
                         self.stop_reason = f"loss target {self.cfg.loss_target:g}"
+                        self.phase_index = len(self.phases)  # the checkpoint says: finished
                         break
                     if self.cfg.plateau_patience > 0:
-                        if loss < window_best * (1.0 - self.cfg.plateau_tol):
-                            window_best, since_best = loss, 0
+                        if loss < self.window_best * (1.0 - self.cfg.plateau_tol):
+                            self.window_best, self.since_best = loss, 0
                         else:
-                            since_best += 1
-                        if since_best >= self.cfg.plateau_patience:
+                            self.since_best += 1
+                        if self.since_best >= self.cfg.plateau_patience:
                             log.info("phase %s: plateau after %d steps", self.phase.name,
                                      self.phase_step)
                             self.phase_step = self.phase.steps
+                if not finished:
+                    self.save()  # still inside the signal guard: a signal now waits for it
         finally:
             metrics.close()
-        self.save()
+        if flag.signum is not None:  # arrived during the last step or the final save
+            raise Interrupted(flag.signum, self.step)
 
     def _next_phase(self) -> bool:
         if self.phase_index + 1 >= len(self.phases):
