@@ -33,26 +33,57 @@ def make_plots(run_path: Path) -> list[Path]:
     return out
 
 
+def make_chain_plots(chain_path: Path) -> list[Path]:
+    """Per-level convergence of a coarse-to-fine chain, from each level's metrics.csv."""
+    import matplotlib
+    matplotlib.use("Agg")
+    from neuralpde_cli.run.plots_grid import plot_level_convergence
+    histories = {}
+    for level in sorted(Path(chain_path).glob("level_*"), key=lambda p: int(p.name.split("_")[1])):
+        if (level / "metrics.csv").exists():
+            m = read_metrics(level / "metrics.csv")
+            key = "rel_residual" if "rel_residual" in m else "loss"
+            histories[level.name] = [{"cycle": int(s), "rel_residual": float(v)}
+                                     for s, v in zip(m["step"], m[key])]
+    if not histories:
+        return []
+    out = Path(chain_path) / "plots" / "levels.png"
+    out.parent.mkdir(exist_ok=True)
+    plot_level_convergence(histories, out)
+    return [out]
+
+
+#: columns of metrics.csv drawn on the loss plot besides loss* and *error
+_CURVES = ("rel_residual", "dt", "lstsq_residual")
+
+
 def plot_losses(metrics: dict[str, np.ndarray], path: Path) -> list[Path]:
+    """Each loss term and error over steps (a time march: step size and residual over t)."""
     import matplotlib.pyplot as plt
     if not metrics or "step" not in metrics:
         return []
+    marched = "t" in metrics and "dt" in metrics
+    x_key = "t" if marched else "step"
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    step = metrics["step"]
+    step = metrics[x_key]
+    drawn = 0
     for key, values in metrics.items():
-        if key.startswith("loss") or key.endswith("error") or key == "rel_residual":
+        if key.startswith("loss") or key.endswith("error") or key in _CURVES:
             ok = np.isfinite(values) & (values > 0)
             if ok.any():
                 style = "o-" if key.endswith("error") else "-"
                 ax.plot(step[ok], values[ok], style, ms=3, lw=1.2, label=key)
-    if "phase" in metrics:
+                drawn += 1
+    if "phase" in metrics and not marched:
         phases = metrics["phase"]
         for i in np.flatnonzero(phases[1:] != phases[:-1]) + 1:
             ax.axvline(step[i], color="0.7", lw=0.8, ls="--")
     ax.set_yscale("log")
-    ax.set_xlabel("step")
-    ax.set_title("loss terms and error")
-    ax.legend(fontsize=8)
+    ax.set_xlabel(x_key)
+    ax.set_title("time march: step size and least-squares residual" if marched
+                 else "loss terms and error")
+    if drawn:
+        ax.legend(fontsize=8)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
