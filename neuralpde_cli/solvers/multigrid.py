@@ -48,7 +48,7 @@ class MultigridConfig:
     name: str = "multigrid"
     #: fmg: full multigrid, then V-cycles; v | w: cycles from the initial guess;
     #: pcg: full multigrid, then V-cycle-preconditioned conjugate gradients
-    cycle: str = "fmg"
+    cycle: str = "pcg"
     pre_smooth: int = 2
     post_smooth: int = 1
     #: V-cycles per level in the full-multigrid pass
