@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+from neuralpde_cli.run.rundir import jsonable
+
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = Path(__file__).resolve().parent / "results"
 #: set by ``run.py --smoke``: seconds-long settings that check the suite itself (figures void)
@@ -407,18 +409,8 @@ def write_results(spec: Spec, rows: list[Row], device: str, level: str, out_dir:
         "machine": machine(device), "torch": torch.__version__,
         "case_wall_time_s": round(elapsed_s, 2), "rows": rows,
     }
-    path.write_text(json.dumps(_jsonable(record), indent=1) + "\n")
+    path.write_text(json.dumps(jsonable(record), indent=1) + "\n")
     return path
-
-
-def _jsonable(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def plot(spec: Spec, rows: list[Row], path: Path) -> Path | None:

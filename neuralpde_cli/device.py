@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from neuralpde_cli.errors import UserError
+from neuralpde_cli.errors import UserError, check_choice
 
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
@@ -12,8 +12,7 @@ PRECISIONS = {"float32": torch.float32, "float64": torch.float64}
 
 def resolve_device(name: str) -> torch.device:
     """auto → CUDA when available, else CPU; cuda without a GPU is an error, not a fallback."""
-    if name not in DEVICES:
-        raise UserError(f"device={name!r} is unknown; choose one of {list(DEVICES)}")
+    check_choice("device", name, DEVICES)
     if name == "cuda" and not torch.cuda.is_available():
         raise UserError("device=cuda was asked for but no CUDA GPU is available "
                         "(torch.cuda.is_available() is False); use device=cpu or device=auto")
@@ -23,6 +22,5 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_precision(name: str) -> torch.dtype:
-    if name not in PRECISIONS:
-        raise UserError(f"precision={name!r} is unknown; choose one of {list(PRECISIONS)}")
+    check_choice("precision", name, PRECISIONS)
     return PRECISIONS[name]

@@ -17,7 +17,7 @@ from typing import Callable, Optional
 import torch
 from torch import Tensor
 
-from neuralpde_cli.errors import UserError
+from neuralpde_cli.errors import UserError, check_choice
 
 KINDS = ("ou", "brownian", "double_well", "double_well_2d", "cir", "gbm", "custom")
 
@@ -319,8 +319,7 @@ class CallableSDE(SDE):
 
 def build_sde(cfg: SDEConfig, dim: int, dtype: torch.dtype, device: torch.device) -> SDE:
     """The SDE the config names, its shapes checked against ``dim``."""
-    if cfg.kind not in KINDS:
-        raise UserError(f"equation.sde.kind={cfg.kind!r} is unknown; choose one of {list(KINDS)}")
+    check_choice("equation.sde.kind", cfg.kind, KINDS)
     scalar = lambda v: torch.tensor(float(v), dtype=dtype, device=device)  # noqa: E731
     if cfg.kind in ("double_well", "double_well_2d", "cir", "gbm") and cfg.noise <= 0:
         raise UserError(f"equation.sde.noise={cfg.noise} must be > 0")

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from neuralpde_cli.equations.diffusion import GridSystem, SteadyDiffusion
-from neuralpde_cli.errors import UserError
+from neuralpde_cli.errors import UserError, check_choice
 
 INITS = ("zeros", "boundary_mean")
 LOSSES = ("energy", "residual")
@@ -37,10 +37,8 @@ class GridAnsatz(torch.nn.Module):
 
     def __init__(self, cfg: GridConfig, system: GridSystem) -> None:
         super().__init__()
-        if cfg.init not in INITS:
-            raise UserError(f"ansatz.init={cfg.init!r} is unknown; choose one of {list(INITS)}")
-        if cfg.loss not in LOSSES:
-            raise UserError(f"ansatz.loss={cfg.loss!r} is unknown; choose one of {list(LOSSES)}")
+        check_choice("ansatz.init", cfg.init, INITS)
+        check_choice("ansatz.loss", cfg.loss, LOSSES)
         self.cfg, self.system = cfg, system
         i0, i1, j0, j1 = system.block
         start = system.kappa.new_zeros(i1 - i0, j1 - j0)
@@ -98,8 +96,7 @@ class GridAnsatz(torch.nn.Module):
         """
         system = self.system if system is None else system
         loss = self.cfg.loss if loss is None else loss
-        if loss not in LOSSES:
-            raise UserError(f"ansatz.loss={loss!r} is unknown; choose one of {list(LOSSES)}")
+        check_choice("ansatz.loss", loss, LOSSES)
         T = self.values()
         if loss == "energy":
             return {"pde": system.energy(T)}

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from neuralpde_cli.ansatz.base import DensityAnsatz, hutchinson_directions
 from neuralpde_cli.equations.base import DensityEquation, LogDensityFields, gaussian_log_density
-from neuralpde_cli.errors import UserError
+from neuralpde_cli.errors import UserError, check_choice
 
 
 @dataclass
@@ -86,11 +86,8 @@ class MLP(DensityAnsatz):
                  has_time: bool, initial: tuple[Tensor, Tensor] | None = None,
                  t_final: float = 1.0) -> None:
         super().__init__()
-        if cfg.activation not in ACTIVATIONS:
-            raise UserError(f"ansatz.activation={cfg.activation!r} is unknown; choose one of "
-                            f"{sorted(ACTIVATIONS)}")
-        if cfg.output not in OUTPUTS:
-            raise UserError(f"ansatz.output={cfg.output!r} is unknown; choose one of {sorted(OUTPUTS)}")
+        check_choice("ansatz.activation", cfg.activation, ACTIVATIONS)
+        check_choice("ansatz.output", cfg.output, OUTPUTS)
         if cfg.width < 1 or cfg.depth < 1:
             raise UserError(f"ansatz.width={cfg.width} and ansatz.depth={cfg.depth} must be ≥ 1")
         if cfg.probes < 0:

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from neuralpde_cli.errors import UserError
+from neuralpde_cli.errors import UserError, check_choice
 
 FIELD_KINDS = ("constant", "checkerboard", "gaussian_bump", "layered", "file")
 SIDES = ("left", "right", "bottom", "top")
@@ -327,8 +327,7 @@ class _Field:
     def __init__(self, where: str, cfg: FieldConfig, domain: tuple[float, float, float, float],
                  positive: bool) -> None:
         self.where, self.cfg, self.domain = where, cfg, domain
-        if cfg.kind not in FIELD_KINDS:
-            raise UserError(f"{where}.kind={cfg.kind!r} is unknown; choose one of {list(FIELD_KINDS)}")
+        check_choice(f"{where}.kind", cfg.kind, FIELD_KINDS)
         if cfg.kind in ("checkerboard", "layered") and cfg.cells < 1:
             raise UserError(f"{where}.cells={cfg.cells} must be an integer ≥ 1")
         if cfg.kind == "gaussian_bump":

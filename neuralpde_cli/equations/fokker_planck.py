@@ -15,7 +15,7 @@ import torch
 from torch import Tensor
 
 from neuralpde_cli.equations.base import DensityEquation, initial_gaussian
-from neuralpde_cli.errors import UserError
+from neuralpde_cli.errors import UserError, check_choice
 from neuralpde_cli.references.fd_density import FDSolution, solve_fp_fd
 from neuralpde_cli.sdes import SDEConfig, build_sde
 
@@ -55,9 +55,7 @@ class FokkerPlanck(DensityEquation):
             raise UserError(f"equation.dim={cfg.dim} must be an integer ≥ 1")
         if cfg.t_final <= 0:
             raise UserError(f"equation.t_final={cfg.t_final} must be > 0")
-        if cfg.initial not in INITIALS:
-            raise UserError(f"equation.initial={cfg.initial!r} is unknown; choose one of "
-                            f"{list(INITIALS)}")
+        check_choice("equation.initial", cfg.initial, INITIALS)
         if cfg.initial == "point":
             if cfg.point_width <= 0:
                 raise UserError(f"equation.point_width={cfg.point_width} must be > 0")

@@ -73,7 +73,7 @@ class RunDir:
         return self.path / "solution.npz"
 
     def write_summary(self, summary: dict[str, Any]) -> None:
-        text = json.dumps(_jsonable(summary), indent=2, sort_keys=False)
+        text = json.dumps(jsonable(summary), indent=2, sort_keys=False)
         atomic_write(self.summary_json, lambda h: h.write(text.encode()))
 
     def read_summary(self) -> dict[str, Any]:
@@ -151,11 +151,12 @@ def _fmt(v: Any) -> Any:
     return v
 
 
-def _jsonable(obj: Any) -> Any:
+def jsonable(obj: Any) -> Any:
+    """Plain JSON values: numpy scalars unwrapped, NaN and ±Inf as null (JSON has neither)."""
     if isinstance(obj, dict):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): jsonable(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)):
-        return [_jsonable(v) for v in obj]
+        return [jsonable(v) for v in obj]
     if isinstance(obj, (np.floating, np.integer)):
         obj = obj.item()
     if isinstance(obj, float) and not math.isfinite(obj):

@@ -7,7 +7,7 @@ from typing import Any, Callable
 
 import torch
 
-from neuralpde_cli.errors import UserError
+from neuralpde_cli.errors import UserError, check_choice
 from neuralpde_cli.run.rundir import RunDir
 from neuralpde_cli.training.trainer import Objective, Phase, Trainer, TrainerConfig
 
@@ -39,9 +39,7 @@ class GradientSolver:
                             f"{cfg.lbfgs_steps} must be ≥ 0 and not both 0")
         if cfg.lbfgs_iters <= 0 or cfg.history <= 0:
             raise UserError("optimizer.lbfgs_iters and optimizer.history must be positive integers")
-        if cfg.schedule not in SCHEDULES:
-            raise UserError(f"optimizer.schedule={cfg.schedule!r} is unknown; choose one of "
-                            f"{list(SCHEDULES)}")
+        check_choice("optimizer.schedule", cfg.schedule, SCHEDULES)
         if not 0 < cfg.final_lr_factor <= 1:
             raise UserError(f"optimizer.final_lr_factor={cfg.final_lr_factor} must be in (0, 1]")
         self.cfg = cfg

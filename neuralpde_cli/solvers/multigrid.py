@@ -35,7 +35,7 @@ from torch import Tensor
 
 from neuralpde_cli.equations.diffusion import (NINE_POINT, GridSystem, Stencil, onehot_kernel,
                                                stencil_accumulate, unknown_block)
-from neuralpde_cli.errors import UserError
+from neuralpde_cli.errors import UserError, check_choice
 
 CYCLES = ("fmg", "v", "w", "pcg")
 STENCIL_MODES = ("auto", "slices", "conv")
@@ -273,11 +273,8 @@ class MultigridSolver:
     """Solves a :class:`GridSystem` to a relative residual ``tol`` by V/W/FMG cycles or MG-PCG."""
 
     def __init__(self, cfg: MultigridConfig) -> None:
-        if cfg.cycle not in CYCLES:
-            raise UserError(f"optimizer.cycle={cfg.cycle!r} is unknown; choose one of {list(CYCLES)}")
-        if cfg.stencil not in STENCIL_MODES:
-            raise UserError(f"optimizer.stencil={cfg.stencil!r} is unknown; choose one of "
-                            f"{list(STENCIL_MODES)}")
+        check_choice("optimizer.cycle", cfg.cycle, CYCLES)
+        check_choice("optimizer.stencil", cfg.stencil, STENCIL_MODES)
         if cfg.pre_smooth < 0 or cfg.post_smooth < 0 or cfg.pre_smooth + cfg.post_smooth == 0:
             raise UserError(f"optimizer.pre_smooth={cfg.pre_smooth} and optimizer.post_smooth="
                             f"{cfg.post_smooth} must be ≥ 0 and not both 0")

@@ -30,7 +30,7 @@ from torch import Tensor
 
 from neuralpde_cli.ansatz.gmm import GaussianMixtureAnsatz, MarchedMixture, MixtureEval, MixtureLayout
 from neuralpde_cli.equations.base import DensityEquation
-from neuralpde_cli.errors import UserError
+from neuralpde_cli.errors import UserError, check_choice
 from neuralpde_cli.training.trainer import Diverged
 
 METHODS = ("rk45", "rk4")
@@ -252,20 +252,11 @@ class TimeMarcher:
     """Integrates the Galerkin ODE of a Gaussian mixture from p₀ to t_final."""
 
     def __init__(self, cfg: TimeMarchConfig) -> None:
-        if cfg.method not in METHODS:
-            raise UserError(f"optimizer.method={cfg.method!r} is unknown; choose one of {list(METHODS)}")
-        if cfg.row_weights not in ROW_WEIGHTS:
-            raise UserError(f"optimizer.row_weights={cfg.row_weights!r} is unknown; choose one of "
-                            f"{list(ROW_WEIGHTS)}")
-        if cfg.quadrature not in QUADRATURES:
-            raise UserError(f"optimizer.quadrature={cfg.quadrature!r} is unknown; choose one of "
-                            f"{list(QUADRATURES)}")
-        if cfg.ridge_scaling not in RIDGE_SCALINGS:
-            raise UserError(f"optimizer.ridge_scaling={cfg.ridge_scaling!r} is unknown; choose one "
-                            f"of {list(RIDGE_SCALINGS)}")
-        if cfg.linear_solver not in SOLVERS:
-            raise UserError(f"optimizer.linear_solver={cfg.linear_solver!r} is unknown; choose one "
-                            f"of {list(SOLVERS)}")
+        check_choice("optimizer.method", cfg.method, METHODS)
+        check_choice("optimizer.row_weights", cfg.row_weights, ROW_WEIGHTS)
+        check_choice("optimizer.quadrature", cfg.quadrature, QUADRATURES)
+        check_choice("optimizer.ridge_scaling", cfg.ridge_scaling, RIDGE_SCALINGS)
+        check_choice("optimizer.linear_solver", cfg.linear_solver, SOLVERS)
         for name in ("rtol", "ridge", "cg_tol", "cg_iters"):
             if not getattr(cfg, name) > 0:
                 raise UserError(f"optimizer.{name}={getattr(cfg, name)} must be > 0")

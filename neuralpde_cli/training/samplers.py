@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from neuralpde_cli.equations.base import DensityEquation
-from neuralpde_cli.errors import UserError
+from neuralpde_cli.errors import UserError, check_choice
 
 KINDS = ("gaussian", "uniform", "self", "mixture")
 
@@ -34,8 +34,7 @@ class CollocationSampler:
 
     def __init__(self, cfg: SamplerConfig, equation: DensityEquation, ansatz: torch.nn.Module,
                  generator: torch.Generator) -> None:
-        if cfg.name not in KINDS:
-            raise UserError(f"sampler.name={cfg.name!r} is unknown; choose one of {list(KINDS)}")
+        check_choice("sampler.name", cfg.name, KINDS)
         if cfg.batch_size <= 0:
             raise UserError(f"sampler.batch_size={cfg.batch_size} must be a positive integer")
         if cfg.spread <= 0 or cfg.time_power <= 0 or not 0.0 <= cfg.self_fraction <= 1.0:
