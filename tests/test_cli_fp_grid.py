@@ -26,10 +26,11 @@ def test_fokker_planck_default_is_the_ou_benchmark(cli, tmp_path: Path) -> None:
         assert metrics[f"rel_l2_error_t{t:g}"] < 1e-3, metrics
     assert metrics["mass_error"] < 1e-6
     for name in ("plots/losses.png", "plots/solution.png", "plots/moments.png",
-                 "checkpoints/last.pt"):
+                 "plots/density.gif", "checkpoints/last.pt"):
         assert (run_dir / name).exists(), name
     with np.load(run_dir / "solution.npz") as data:
         assert data["u"].shape == data["u_exact"].shape == (5, data["x"].shape[0])
+        assert data["u_frames"].shape == (data["moment_t"].shape[0], data["x"].shape[0])
 
 
 def test_heat_with_the_mixture(cli, tmp_path: Path) -> None:

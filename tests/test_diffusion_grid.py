@@ -254,7 +254,7 @@ def test_plots(tmp_path) -> None:
     T, history = MultigridSolver(MultigridConfig()).solve(eq.discretize(33))
     eq.evaluate(T, 33)
     np.savez(tmp_path / "solution.npz", **eq.solution_arrays(T, 33))
-    paths = plot_grid_run(tmp_path / "solution.npz", None, tmp_path / "plots")
+    paths = plot_grid_run(tmp_path / "solution.npz", tmp_path / "plots")
     assert {p.name for p in paths} == {"solution.png", "error.png"}
     out = plot_level_convergence({"17": history, "33": history}, tmp_path / "plots" / "levels.png")
     assert all(p.exists() and p.stat().st_size > 0 for p in paths + out)

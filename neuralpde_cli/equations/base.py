@@ -278,7 +278,8 @@ class DensityEquation(torch.nn.Module):
         return x
 
     def solution_arrays(self, ansatz: torch.nn.Module) -> dict[str, np.ndarray]:
-        """Arrays for solution.npz: t, x, u (and u_exact), plus std trajectories for the plots."""
+        """Arrays for solution.npz: t, x, u (and u_exact), plus moment trajectories and (d ≤ 2)
+        density frames at ``moment_t`` for the plots."""
         dtype, device = self.initial_mean.dtype, self.initial_mean.device
         x = self.evaluation_points()
         times = torch.tensor(self.eval_times, dtype=dtype, device=device)
@@ -302,6 +303,10 @@ class DensityEquation(torch.nn.Module):
             if exact is not None:
                 arrays["mean_exact"] = exact[0].cpu().numpy()
                 arrays["std_exact"] = torch.sqrt(torch.diagonal(exact[1], dim1=-2, dim2=-1)).cpu().numpy()
+            if self.dim <= 2:  # the density at every moment_t, for plots/density.gif
+                frames = [ansatz.log_density(torch.full((x.shape[0],), float(t), dtype=dtype,
+                                                        device=device), x) for t in tm]
+                arrays["u_frames"] = torch.exp(torch.stack(frames)).float().cpu().numpy()
         return arrays
 
     def _sampled_moments(self, ansatz: torch.nn.Module, times: Tensor,

@@ -26,10 +26,11 @@ def make_plots(run_path: Path) -> list[Path]:
             arrays = dict(data)
         if "T" in arrays:
             from neuralpde_cli.run.plots_grid import plot_grid_run
-            out += plot_grid_run(npz_path, metrics_path if metrics_path.exists() else None, plots_dir)
+            out += plot_grid_run(npz_path, plots_dir)
         elif "u" in arrays:
             out += plot_density(arrays, plots_dir / "solution.png")
             out += plot_moments(arrays, plots_dir / "moments.png")
+            out += plot_animation(arrays, plots_dir / "density.gif")
     return out
 
 
@@ -52,6 +53,9 @@ def make_chain_plots(chain_path: Path) -> list[Path]:
     plot_level_convergence(histories, out)
     return [out]
 
+
+#: frames of plots/density.gif (about; every k-th of the stored ones)
+GIF_FRAMES = 20
 
 #: columns of metrics.csv drawn on the loss plot besides loss* and *error
 _CURVES = ("rel_residual", "dt", "lstsq_residual")
@@ -128,7 +132,10 @@ def plot_density(arrays: dict[str, np.ndarray], path: Path) -> list[Path]:
         if x.shape[1] > 2:
             fig.suptitle("slice through the initial mean (x1, x2; other coordinates at the mean)",
                          fontsize=9)
-    fig.tight_layout()
+        # fixed spacing: tight_layout would draw the 30 axes once more just to measure them
+        fig.subplots_adjust(left=0.04, right=0.97, bottom=0.06, top=0.92, wspace=0.45, hspace=0.4)
+    if x.shape[1] == 1:
+        fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
@@ -155,5 +162,40 @@ def plot_moments(arrays: dict[str, np.ndarray], path: Path) -> list[Path]:
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return [path]
+
+
+def plot_animation(arrays: dict[str, np.ndarray], path: Path) -> list[Path]:
+    """The density evolving over [0, T] (d ≤ 2), each frame on its own colour/height scale."""
+    import matplotlib.pyplot as plt
+    from matplotlib.animation import FuncAnimation, PillowWriter
+    if "u_frames" not in arrays:
+        return []
+    step = max(1, len(arrays["moment_t"]) // GIF_FRAMES)  # writing frames is what costs
+    frames, tm, x = arrays["u_frames"][::step], arrays["moment_t"][::step], arrays["x"]
+    fig, ax = plt.subplots(figsize=(4.2, 3.6))
+    if x.shape[1] == 1:
+        line, = ax.plot(x[:, 0], frames[0], lw=1.5)
+        ax.set_xlabel("x")
+
+        def draw(i: int) -> None:
+            line.set_ydata(frames[i])
+            ax.set_ylim(0.0, 1.1 * float(frames[i].max()) or 1.0)
+            ax.set_title(f"p(t, x), t = {tm[i]:.3g}", fontsize=9)
+    else:
+        n_side = int(round(np.sqrt(x.shape[0])))
+        extent = (x[:, 0].min(), x[:, 0].max(), x[:, 1].min(), x[:, 1].max())
+        image = ax.imshow(frames[0].reshape(n_side, n_side).T, origin="lower", extent=extent,
+                          cmap="viridis")
+        ax.set_xlabel("x1")
+        ax.set_ylabel("x2")
+
+        def draw(i: int) -> None:
+            img = frames[i].reshape(n_side, n_side).T
+            image.set_data(img)
+            image.set_clim(0.0, float(img.max()) or 1.0)
+            ax.set_title(f"p(t, x), t = {tm[i]:.3g}", fontsize=9)
+    FuncAnimation(fig, draw, frames=len(tm)).save(path, writer=PillowWriter(fps=5), dpi=60)
     plt.close(fig)
     return [path]

@@ -6,7 +6,6 @@ from pathlib import Path
 
 import numpy as np
 
-from neuralpde_cli.run.rundir import read_metrics
 
 
 def _heat_map(fig, ax, values: np.ndarray, x: np.ndarray, y: np.ndarray, title: str,
@@ -24,9 +23,9 @@ def _heat_map(fig, ax, values: np.ndarray, x: np.ndarray, y: np.ndarray, title: 
     ax.set_ylabel("y")
 
 
-def plot_grid_run(npz_path: Path, metrics_csv: Path | None, plots_dir: Path) -> list[Path]:
-    """solution.png (T, residual, κ, s); error.png when T_reference is stored; convergence.png
-    when metrics.csv has a per-cycle relative residual (a multigrid run)."""
+def plot_grid_run(npz_path: Path, plots_dir: Path) -> list[Path]:
+    """solution.png (T, residual, κ, s); error.png when T_reference is stored. (The residual
+    per cycle or step is on losses.png, drawn from metrics.csv like every run's.)"""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -63,12 +62,6 @@ def plot_grid_run(npz_path: Path, metrics_csv: Path | None, plots_dir: Path) -> 
         plt.close(fig)
         out.append(path)
 
-    if metrics_csv is not None and Path(metrics_csv).exists():
-        metrics = read_metrics(Path(metrics_csv))
-        if "cycle" in metrics and "rel_residual" in metrics:
-            history = [{"cycle": c, "rel_residual": r}
-                       for c, r in zip(metrics["cycle"], metrics["rel_residual"])]
-            out += plot_level_convergence({f"{n}×{n}": history}, plots_dir / "convergence.png")
     return out
 
 
