@@ -16,9 +16,8 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-from benchmarks.common import (Column, Row, Spec, attempt, median_time, neuralpde_solve, row,
-                               tier)
-from benchmarks.heat_step_cost import looped_diagonal
+from benchmarks.common import Column, Row, Spec, attempt, neuralpde_solve, row, tier
+from benchmarks.heat_step_cost import looped_diagonal, step_cost_rows
 
 CORRELATION = 0.5
 SETTINGS: dict[str, dict[str, Any]] = {
@@ -74,31 +73,10 @@ def _step_cost(d: int, s: dict[str, Any], device: str) -> list[Row]:
         "neuralpde GMM, closed form": lambda: model.log_density_fields(t, x, sqrt_d),
         "GMM by autograd (loop over dims)": autograd_fields,
     }
-    initial = {k: v.clone() for k, v in model.state_dict().items()}
-
     def loss_of(fields: Callable[[], Any]) -> Tensor:
         return heat.log_residual(t, x, fields()).pow(2).mean()
 
-    reference = float(loss_of(methods["neuralpde GMM, closed form"]).detach())
-    rows: list[Row] = []
-    for name, fields in methods.items():
-        def measure(fields: Callable[[], Any] = fields, name: str = name) -> Row:
-            model.load_state_dict(initial)
-            loss = float(loss_of(fields).detach())
-            rel = abs(loss - reference) / max(abs(reference), 1e-300)
-            note = "" if rel < 1e-8 else f"loss differs from the closed form by {rel:.1e}"
-            optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-
-            def step() -> None:
-                optimizer.zero_grad(set_to_none=True)
-                loss_of(fields).backward()
-                optimizer.step()
-
-            timing = median_time(step, s["repeats"], device, s["budget_s"])
-            return row(name, setting, time_s=timing.median_s, repeats=timing.repeats, note=note)
-
-        rows += attempt(name, setting, measure)
-    return rows
+    return step_cost_rows(model, methods, loss_of, setting, s, device, tolerance=1e-8)
 
 
 def _solve(d: int, s: dict[str, Any], device: str) -> Row:
