@@ -40,6 +40,18 @@ def test_heat_with_the_mixture(cli, tmp_path: Path) -> None:
     assert read_summary(run_dir)["metrics"]["rel_l2_error"] < 1e-4
 
 
+def test_mixture_in_3d_draws_exact_marginals(cli, tmp_path: Path) -> None:
+    run_dir = tmp_path / "heat3d"
+    out = cli("solve", *QUIET, "equation=heat", "ansatz=gmm", "equation.dim=3",
+              "equation.initial_correlation=0.5", f"hydra.run.dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert read_summary(run_dir)["metrics"]["cov_rel_error"] < 1e-3
+    assert (run_dir / "plots" / "marginals.png").exists()
+    with np.load(run_dir / "solution.npz") as data:
+        u, exact = data["u_marginal"], data["u_marginal_exact"]
+    assert np.linalg.norm(u - exact) < 1e-3 * np.linalg.norm(exact)
+
+
 def test_double_well_mixture_against_the_reference(cli, tmp_path: Path) -> None:
     run_dir = tmp_path / "dw"
     out = cli("solve", *QUIET, "equation=fokker_planck", "equation.dim=1",

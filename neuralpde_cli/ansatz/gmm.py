@@ -292,6 +292,17 @@ class _MixtureDensity(DensityAnsatz):
             cond = cond.expand(t.shape[0], -1)
         return self.layout.moments(self.state_at(t, cond, False)[0])
 
+    def marginal_log_density(self, t: float, x: Tensor, dims: tuple[int, ...]) -> Tensor:
+        """log of the exact marginal density of the coordinates ``dims`` at time t, at x
+        (N, len(dims)): a Gaussian mixture's marginal is the mixture of its components'."""
+        tt = torch.tensor([t], dtype=x.dtype, device=x.device)
+        logits, means, entries = self.layout.unpack(self.state_at(tt, None, False)[0][0])
+        chol = self.layout.chol(entries)
+        index = torch.tensor(dims, device=x.device)
+        cov = (chol @ chol.transpose(-1, -2))[:, index][:, :, index]
+        normal = torch.distributions.MultivariateNormal(means[:, index], covariance_matrix=cov)
+        return torch.logsumexp(torch.log_softmax(logits, -1) + normal.log_prob(x.unsqueeze(1)), -1)
+
     def sample(self, t: Tensor, generator: torch.Generator | None = None,
                cond: Tensor | None = None) -> Tensor:
         n, ref = t.shape[0], t

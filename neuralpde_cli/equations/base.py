@@ -303,11 +303,33 @@ class DensityEquation(torch.nn.Module):
             if exact is not None:
                 arrays["mean_exact"] = exact[0].cpu().numpy()
                 arrays["std_exact"] = torch.sqrt(torch.diagonal(exact[1], dim1=-2, dim2=-1)).cpu().numpy()
+            if self.dim > 2 and hasattr(ansatz, "marginal_log_density"):
+                arrays.update(self._marginal_arrays(ansatz, times))
             if self.dim <= 2:  # the density at every moment_t, for plots/density.gif
                 frames = [ansatz.log_density(torch.full((x.shape[0],), float(t), dtype=dtype,
                                                         device=device), x) for t in tm]
                 arrays["u_frames"] = torch.exp(torch.stack(frames)).float().cpu().numpy()
         return arrays
+
+    def _marginal_arrays(self, ansatz: torch.nn.Module, times: Tensor,
+                         n_side: int = 64) -> dict[str, np.ndarray]:
+        """The (x1, x2) marginal at each eval time on a grid (a slice misleads in high d),
+        predicted and, where the solution is Gaussian, exact."""
+        center, std = self.envelope(times)
+        half = 4.0 * float(std.max())
+        m = self.initial_mean
+        axes = [torch.linspace(float(m[k]) - half, float(m[k]) + half, n_side, dtype=m.dtype,
+                               device=m.device) for k in (0, 1)]
+        a, b = torch.meshgrid(*axes, indexing="ij")
+        xm = torch.stack([a.reshape(-1), b.reshape(-1)], -1)
+        pred = torch.stack([ansatz.marginal_log_density(float(t), xm, (0, 1)) for t in times])
+        out = {"x_marginal": xm.cpu().numpy(), "u_marginal": torch.exp(pred).cpu().numpy()}
+        exact = self.exact_moments(times)
+        if exact is not None:
+            out["u_marginal_exact"] = torch.exp(torch.stack([
+                gaussian_log_density(xm, exact[0][i, :2], exact[1][i, :2, :2])
+                for i in range(len(times))])).cpu().numpy()
+        return out
 
     def _sampled_moments(self, ansatz: torch.nn.Module, times: Tensor,
                          exact: tuple[Tensor, Tensor], n: int = 2048) -> tuple[Tensor, Tensor]:

@@ -31,6 +31,12 @@ def make_plots(run_path: Path) -> list[Path]:
             out += plot_density(arrays, plots_dir / "solution.png")
             out += plot_moments(arrays, plots_dir / "moments.png")
             out += plot_animation(arrays, plots_dir / "density.gif")
+            if "u_marginal" in arrays:
+                marginal = {"t": arrays["t"], "x": arrays["x_marginal"], "u": arrays["u_marginal"]}
+                if "u_marginal_exact" in arrays:
+                    marginal["u_exact"] = arrays["u_marginal_exact"]
+                out += plot_density(marginal, plots_dir / "marginals.png",
+                                    "(x1, x2) marginal: the other coordinates integrated out")
     return out
 
 
@@ -95,7 +101,7 @@ def plot_losses(metrics: dict[str, np.ndarray], path: Path) -> list[Path]:
     return [path]
 
 
-def plot_density(arrays: dict[str, np.ndarray], path: Path) -> list[Path]:
+def plot_density(arrays: dict[str, np.ndarray], path: Path, title: str | None = None) -> list[Path]:
     """The density at each eval time beside the reference and the pointwise error."""
     import matplotlib.pyplot as plt
     t, x, u = arrays["t"], arrays["x"], arrays["u"]
@@ -129,9 +135,10 @@ def plot_density(arrays: dict[str, np.ndarray], path: Path) -> list[Path]:
                 axes[r, i].set_title(f"{name} t={t[i]:g}", fontsize=8)
                 axes[r, i].tick_params(labelsize=6)
                 fig.colorbar(im, ax=axes[r, i], fraction=0.046).ax.tick_params(labelsize=6)
-        if x.shape[1] > 2:
-            fig.suptitle("slice through the initial mean (x1, x2; other coordinates at the mean)",
-                         fontsize=9)
+        if title is None and x.shape[1] > 2:
+            title = "slice through the initial mean (x1, x2; other coordinates at the mean)"
+        if title:
+            fig.suptitle(title, fontsize=9)
         # fixed spacing: tight_layout would draw the 30 axes once more just to measure them
         fig.subplots_adjust(left=0.04, right=0.97, bottom=0.06, top=0.92, wspace=0.45, hspace=0.4)
     if x.shape[1] == 1:
