@@ -1,6 +1,6 @@
 """Structured-config schemas: Hydra checks every YAML and override against these dataclasses.
 
-Each option's YAML starts with ``defaults: [/schema/<group>/<name>@_here_]``, so a wrong type
+Each option's YAML starts with ``defaults: [/schema_<group>_<name>@_here_]``, so a wrong type
 or an unknown key fails at composition, before any work starts. The group options and their
 classes are listed once, in :mod:`neuralpde_cli.registry`.
 """
@@ -58,7 +58,8 @@ def register_configs() -> None:
     cs.store(name="solve_schema", node=SolveConfig)
     for group, options in GROUPS.items():
         for name, option in options.items():
-            cs.store(group=f"schema/{group}", name=name, node=option.config_class)
-    cs.store(group="schema/sampler", name="sampler", node=SamplerConfig)
-    cs.store(group="schema/trainer", name="trainer", node=TrainerConfig)
-    cs.store(group="schema/device", name="device", node=DeviceConfig)
+            cs.store(name=f"schema_{group}_{name}", node=option.config_class)
+    # schemas are stored outside any group, so `--help` lists only the groups users pick from
+    cs.store(name="schema_sampler_sampler", node=SamplerConfig)
+    cs.store(name="schema_trainer_trainer", node=TrainerConfig)
+    cs.store(name="schema_device_device", node=DeviceConfig)
