@@ -10,15 +10,16 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-
-from neuralpde_cli.equations.base import DensityEquation
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from neuralpde_cli.run.rundir import MetricsWriter, RunDir
-from neuralpde_cli.training.checkpoint import save_checkpoint
-from neuralpde_cli.solvers.gradient import GradientSolver
 from neuralpde_cli.ansatz.mlp import MLP
+from neuralpde_cli.equations.base import DensityEquation
+from neuralpde_cli.run.rundir import MetricsWriter, RunDir
+from neuralpde_cli.solvers.gradient import GradientSolver
+from neuralpde_cli.solvers.multigrid import MultigridSolver
+from neuralpde_cli.solvers.time_march import TimeMarcher
+from neuralpde_cli.training.checkpoint import save_checkpoint
 from neuralpde_cli.training.objectives import DensityObjective, GridObjective, SteadyPINNObjective
 from neuralpde_cli.training.samplers import CollocationSampler
 
@@ -28,9 +29,11 @@ def run_solver(cfg: DictConfig, equation: Any, ansatz: Any, solver: Any, run: Ru
     """Solve, write solution.npz, and return the summary fields (metrics, steps, ...)."""
     if isinstance(solver, GradientSolver):
         return _run_gradient(cfg, equation, ansatz, solver, run, resume_state)
-    if type(solver).__name__ == "TimeMarcher":
+    if isinstance(solver, TimeMarcher):
         return _run_time_march(cfg, equation, ansatz, solver, run)
-    return _run_multigrid(cfg, equation, ansatz, solver, run)
+    if isinstance(solver, MultigridSolver):
+        return _run_multigrid(cfg, equation, ansatz, solver, run)
+    raise TypeError(f"no driver for solver {type(solver).__name__}")
 
 
 def _progress(total: float, label: str, enabled: bool) -> Progress:
