@@ -49,6 +49,8 @@ GROUPS: dict[str, dict[str, Option]] = {
         "adam": Option("neuralpde_cli.solvers.gradient", "GradientConfig", "GradientSolver"),
         "lbfgs": Option("neuralpde_cli.solvers.gradient", "GradientConfig", "GradientSolver"),
         "adam_lbfgs": Option("neuralpde_cli.solvers.gradient", "GradientConfig", "GradientSolver"),
+        "levenberg_marquardt": Option("neuralpde_cli.solvers.gradient", "GradientConfig",
+                                      "GradientSolver"),
         "time_march": Option("neuralpde_cli.solvers.time_march", "TimeMarchConfig", "TimeMarcher"),
         "multigrid": Option("neuralpde_cli.solvers.multigrid", "MultigridConfig",
                             "MultigridSolver"),
@@ -69,8 +71,8 @@ GRADIENT = ["adam", "adam_lbfgs", "lbfgs"]
 
 #: equation → ansatz → the optimizers that can solve that pair
 VALID: dict[str, dict[str, list[str]]] = {
-    "heat": {"mlp": GRADIENT, "gmm": GRADIENT + ["time_march"]},
-    "fokker_planck": {"mlp": GRADIENT, "gmm": GRADIENT + ["time_march"]},
+    "heat": {"mlp": GRADIENT, "gmm": GRADIENT + ["levenberg_marquardt", "time_march"]},
+    "fokker_planck": {"mlp": GRADIENT, "gmm": GRADIENT + ["levenberg_marquardt", "time_march"]},
     "diffusion": {"grid": GRADIENT + ["multigrid"], "mlp": GRADIENT},
 }
 

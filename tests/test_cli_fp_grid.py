@@ -33,6 +33,22 @@ def test_fokker_planck_default_is_the_ou_benchmark(cli, tmp_path: Path) -> None:
         assert data["u_frames"].shape == (data["moment_t"].shape[0], data["x"].shape[0])
 
 
+def test_ou_space_time_by_levenberg_marquardt(cli, tmp_path: Path) -> None:
+    """The same benchmark solved the other way (a network of t trained on the space-time
+    residual): rel. L2 ≤ 1e-3 against the exact density at every eval time."""
+    run_dir = tmp_path / "st"
+    out = cli("solve", *QUIET, "experiment=ou_spacetime", f"hydra.run.dir={run_dir}")
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = read_summary(run_dir)
+    assert summary["optimizer"] == "levenberg_marquardt"
+    for t in (0.1, 0.5, 1, 2, 5):
+        assert summary["metrics"][f"rel_l2_error_t{t:g}"] < 1e-3, summary["metrics"]
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        rows = list(csv.DictReader(handle))
+    assert {r["phase"] for r in rows} == {"lm"}
+    assert float(rows[-1]["loss"]) < 1e-6 * float(rows[0]["loss"])
+
+
 def test_heat_with_the_mixture(cli, tmp_path: Path) -> None:
     run_dir = tmp_path / "heat_gmm"
     out = cli("solve", *QUIET, "equation=heat", "ansatz=gmm", f"hydra.run.dir={run_dir}")
@@ -114,6 +130,10 @@ GRID = "equation=diffusion"
     ([GRID, "equation.kappa.kind=file", "equation.kappa.path=missing.npy"], "missing.npy"),
     ([GRID, "ansatz=gmm"], "ansatz=gmm cannot solve equation=diffusion"),
     ([GRID, "multigrid.levels=6", "ansatz.resolution=33"], "multigrid.levels=6"),
+    ([FP, "optimizer=levenberg_marquardt", "optimizer.damping=-1"], "optimizer.damping=-1"),
+    (["equation=heat", "optimizer=levenberg_marquardt"],
+     "optimizer=levenberg_marquardt cannot train ansatz=mlp"),
+    (["experiment=ou_spacetime", "ansatz=mlp"], "cannot train ansatz=mlp on equation=fokker_planck"),
 ])
 def test_bad_input_is_one_clear_line(cli, tmp_path: Path, args: list[str], expected: str) -> None:
     out = cli("solve", *QUIET, *args, f"hydra.run.dir={tmp_path / 'bad'}")

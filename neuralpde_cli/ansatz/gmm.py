@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -287,6 +287,21 @@ class _MixtureDensity(DensityAnsatz):
         state, rate, xs = self._grouped(t, x, cond, True)
         return self.layout.fields(self.layout.evaluate(state, xs), diffusion_sqrt, rate, state)
 
+    def log_density_fields_rowwise(self, t: Tensor, x: Tensor, diffusion_sqrt: Tensor,
+                                   generator: torch.Generator | None = None
+                                   ) -> tuple[LogDensityFields, tuple[Tensor, ...]]:
+        """One parameter set per point: point i depends on the networks only through the state
+        and its rate at tᵢ, (N, n) each, which makes a Gauss–Newton Jacobian cheap."""
+        state, rate = self.state_at(t, None, True)
+        ev = self.layout.evaluate(state, x.unsqueeze(1))
+        return self.layout.fields(ev, diffusion_sqrt, rate, state), (state, rate)
+
+    def rowwise_pullback(self, t: Tensor) -> Callable[[tuple[Tensor, ...]], Tensor] | None:
+        """Row i ↦ Σⱼ wᵢⱼ ∂(state, rate)ᵢⱼ/∂θ at tᵢ for weights w = (w_state, w_rate), as
+        per-point gradients (torch.func) of the parameters in ``parameters()`` order; None
+        when there are no parameters (the trajectory of a march)."""
+        return None
+
     def moments(self, t: Tensor, cond: Tensor | None = None) -> tuple[Tensor, Tensor]:
         if cond is not None and cond.dim() == 1:
             cond = cond.expand(t.shape[0], -1)
@@ -361,6 +376,27 @@ class GaussianMixtureAnsatz(_MixtureDensity):
                                           for a, b in zip(sizes[:-1], sizes[1:]))
         torch.nn.init.zeros_(self.layers[-1].weight)
         torch.nn.init.zeros_(self.layers[-1].bias)
+
+    def forward(self, t: Tensor) -> tuple[Tensor, Tensor]:
+        """The state and its time derivative at times t (P,) (unconditioned): the module's
+        function for torch.func."""
+        return self.state_at(t, None, True)
+
+    def rowwise_pullback(self, t: Tensor) -> Callable[[tuple[Tensor, ...]], Tensor] | None:
+        if self.cfg.condition_on_x0:
+            return None  # the state depends on cond too: use the generic Jacobian
+        params = {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}
+
+        def row(p: dict[str, Tensor], t_i: Tensor, w_state: Tensor, w_rate: Tensor) -> Tensor:
+            state, rate = torch.func.functional_call(self, p, (t_i.reshape(1),))
+            return (state[0] * w_state).sum() + (rate[0] * w_rate).sum()
+
+        def pullback(local: tuple[Tensor, ...]) -> Tensor:
+            grads = torch.func.vmap(torch.func.grad(row), in_dims=(None, 0, 0, 0))(
+                params, t.detach(), *local)
+            return torch.cat([g.reshape(t.shape[0], -1) for g in grads.values()], 1)
+
+        return pullback
 
     @classmethod
     def for_equation(cls, cfg: GMMConfig, equation: torch.nn.Module) -> "GaussianMixtureAnsatz":

@@ -1,4 +1,5 @@
-"""Gradient training (Adam, L-BFGS, or Adam then L-BFGS) of any ansatz on its objective."""
+"""Gradient training of an ansatz on its objective: Adam, L-BFGS, Levenberg–Marquardt, in that
+order, each phase optional."""
 
 from __future__ import annotations
 
@@ -24,6 +25,10 @@ class GradientConfig:
     lbfgs_lr: float = 1.0
     lbfgs_iters: int = 20
     history: int = 50
+    #: Levenberg–Marquardt steps (Gauss–Newton with adaptive damping; small models only)
+    lm_steps: int = 0
+    #: its initial damping, relative to the curvature (adapted every step)
+    damping: float = 1e-3
     schedule: str = "cosine"
     final_lr_factor: float = 0.01
 
@@ -34,9 +39,13 @@ class GradientSolver:
     def __init__(self, cfg: GradientConfig) -> None:
         if cfg.lr <= 0 or cfg.lbfgs_lr <= 0:
             raise UserError(f"optimizer.lr={cfg.lr} and optimizer.lbfgs_lr={cfg.lbfgs_lr} must be > 0")
-        if cfg.adam_steps < 0 or cfg.lbfgs_steps < 0 or cfg.adam_steps + cfg.lbfgs_steps == 0:
-            raise UserError(f"optimizer.adam_steps={cfg.adam_steps} and optimizer.lbfgs_steps="
-                            f"{cfg.lbfgs_steps} must be ≥ 0 and not both 0")
+        steps = {"adam_steps": cfg.adam_steps, "lbfgs_steps": cfg.lbfgs_steps,
+                 "lm_steps": cfg.lm_steps}
+        if min(steps.values()) < 0 or sum(steps.values()) == 0:
+            raise UserError(" and ".join(f"optimizer.{k}={v}" for k, v in steps.items())
+                            + " must be ≥ 0 and not all 0")
+        if not 0 < cfg.damping < 1e10:
+            raise UserError(f"optimizer.damping={cfg.damping} must be in (0, 1e10)")
         if cfg.lbfgs_iters <= 0 or cfg.history <= 0:
             raise UserError("optimizer.lbfgs_iters and optimizer.history must be positive integers")
         check_choice("optimizer.schedule", cfg.schedule, SCHEDULES)
@@ -54,6 +63,8 @@ class GradientSolver:
         if c.lbfgs_steps > 0:
             plan.append(Phase("lbfgs", "lbfgs", c.lbfgs_steps, c.lbfgs_lr,
                               lbfgs_iters=c.lbfgs_iters, history=c.history))
+        if c.lm_steps > 0:
+            plan.append(Phase("lm", "lm", c.lm_steps, 1.0, damping=c.damping))
         return plan
 
     def run(self, model: torch.nn.Module, objective: Objective, trainer_cfg: TrainerConfig,

@@ -314,7 +314,16 @@ def check_choices(args: list[str]) -> None:
         defaults = {k: v for item in yaml.safe_load(handle)["defaults"] if isinstance(item, dict)
                     for k, v in item.items()}
     chosen = {g: defaults.get(g) for g in ("equation", "ansatz", "optimizer")}
-    chosen.update({k: v for k, _, v in (a.partition("=") for a in args) if k in chosen})
+    given = {k.lstrip("+"): v for k, _, v in (a.partition("=") for a in args)}
+    experiment = Path(_config_dir()) / "experiment" / f"{given.get('experiment', '')}.yaml"
+    if given.get("experiment") and experiment.is_file():  # its overrides, then the command line's
+        with open(experiment, encoding="utf-8") as handle:
+            for item in yaml.safe_load(handle).get("defaults", []):
+                for key, value in (item.items() if isinstance(item, dict) else []):
+                    group = key.replace("override", "").strip().lstrip("/")
+                    if group in chosen:
+                        chosen[group] = value
+    chosen.update({k: v for k, v in given.items() if k in chosen})
     if all(isinstance(v, str) and v in GROUPS[g] for g, v in chosen.items()):
         validate_combination(chosen["equation"], chosen["ansatz"], chosen["optimizer"])
 

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from neuralpde_cli.equations.base import DensityEquation
+from neuralpde_cli.training.levenberg_marquardt import Residual
 from neuralpde_cli.training.samplers import CollocationSampler
 
 log = logging.getLogger(__name__)
@@ -53,23 +54,30 @@ class DensityObjective:
         z[n // 2:] *= self.sampler.cfg.spread  # half inside p₀, half in its tails
         return self.equation.initial_mean + z @ chol.T
 
-    def loss_terms(self, phase: str) -> dict[str, Tensor]:
-        terms: dict[str, Tensor] = {}
+    def residual_terms(self, phase: str) -> dict[str, Residual]:
+        """Residual rows per term (the loss terms are their mean squares): log p − log p₀ at
+        t = 0 (unless built in), and the scaled log-space PDE residual."""
+        terms: dict[str, Residual] = {}
         n = self.sampler.cfg.batch_size
         if "ic" in self.term_names:
             x0 = self._ic_points(n) if self.frozen is None else self.frozen[2]
             t0 = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
-            terms["ic"] = ((self.ansatz.log_density(t0, x0)
-                            - self.equation.initial_log_density(x0)) ** 2).mean()
+            terms["ic"] = Residual(self.ansatz.log_density(t0, x0)
+                                   - self.equation.initial_log_density(x0))
         if phase == "ic":
             return terms
         t, x = self.sampler() if self.frozen is None else self.frozen[:2]
-        fields = self.ansatz.log_density_fields(t, x, self.equation.diffusion_sqrt(t, x),
-                                                generator=self.sampler.generator)
+        fields, through = self.ansatz.log_density_fields_rowwise(
+            t, x, self.equation.diffusion_sqrt(t, x), generator=self.sampler.generator)
         _, std = self.equation.envelope(t)
         scale = std[:, 0] ** 2 / self.var0
-        terms["pde"] = ((scale * self.equation.log_residual(t, x, fields)) ** 2).mean()
+        pullback = getattr(self.ansatz, "rowwise_pullback", lambda _: None)(t) if through else None
+        terms["pde"] = Residual(scale * self.equation.log_residual(t, x, fields),
+                                through if pullback is not None else (), pullback)
         return terms
+
+    def loss_terms(self, phase: str) -> dict[str, Tensor]:
+        return {k: (r.values ** 2).mean() for k, r in self.residual_terms(phase).items()}
 
     def state_dict(self) -> dict[str, Any]:
         return {"generator": self.sampler.generator.get_state(),

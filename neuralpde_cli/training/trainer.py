@@ -21,6 +21,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from neuralpde_cli.errors import UserError
 from neuralpde_cli.run.rundir import MetricsWriter, RunDir
 from neuralpde_cli.training.checkpoint import describe, load_checkpoint, save_checkpoint
+from neuralpde_cli.training.levenberg_marquardt import LevenbergMarquardt, Residual
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +70,20 @@ class Phase:
     """A stretch of training with one optimizer on the objective's terms for ``name``."""
 
     name: str
-    optimizer: str  # "adam" | "lbfgs"
+    optimizer: str  # "adam" | "lbfgs" | "lm"
     steps: int
     lr: float
     schedule: str = "cosine"
     final_lr_factor: float = 0.01
     lbfgs_iters: int = 20
     history: int = 50
+    #: Levenberg–Marquardt's initial damping (relative to the curvature)
+    damping: float = 1e-3
 
 
 class Objective(Protocol):
-    """What the trainer needs from a problem: named loss terms for a phase."""
+    """What the trainer needs from a problem: named loss terms for a phase (and, for
+    Levenberg–Marquardt, the residuals whose mean squares they are: ``residual_terms``)."""
 
     term_names: list[str]
 
@@ -174,6 +178,12 @@ class Trainer:
                 params, lr=lr, max_iter=p.lbfgs_iters, history_size=p.history,
                 line_search_fn="strong_wolfe", tolerance_grad=1e-12, tolerance_change=1e-14)
             self.objective.freeze()
+        elif p.optimizer == "lm":
+            if not hasattr(self.objective, "residual_terms"):
+                raise UserError("Levenberg–Marquardt needs a least-squares objective with residual "
+                                "rows; this problem offers only a loss: use optimizer=lbfgs")
+            self.optimizer = LevenbergMarquardt(params, damping=p.damping)
+            self.objective.freeze()
         else:
             self.optimizer = torch.optim.Adam(params, lr=lr)
         steps = max(p.steps, 1)
@@ -193,6 +203,16 @@ class Trainer:
         total = sum(self.cfg.weights.get(k, 1.0) * v for k, v in terms.items())
         return total, terms
 
+    def _residual(self) -> Residual:
+        """The weighted residual rows whose sum of squares is the total loss."""
+        terms = self.objective.residual_terms(self.phase.name)  # type: ignore[attr-defined]
+        parts = [torch.sqrt(torch.as_tensor(self.cfg.weights.get(k, 1.0) / r.values.numel()))
+                 * r.values for k, r in terms.items()]
+        if len(terms) == 1:  # a per-row Jacobian shortcut holds for a single term
+            only = next(iter(terms.values()))
+            return Residual(parts[0], only.through, only.pullback)
+        return Residual(torch.cat(parts))
+
     def _step(self) -> tuple[float, dict[str, float]]:
         """One optimizer step; returns the loss and terms, or raises FloatingPointError."""
         record: dict[str, Any] = {}
@@ -208,6 +228,10 @@ class Trainer:
         if self.phase.optimizer == "lbfgs":
             self.optimizer.step(closure)
             total, terms = self._loss()  # the loss at the new point, for the record
+        elif self.phase.optimizer == "lm":
+            self.optimizer.step(self._residual)
+            with torch.no_grad():
+                total, terms = self._loss()
         else:
             closure()
             total, terms = record["total"], record["terms"]
