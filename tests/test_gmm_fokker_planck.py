@@ -338,6 +338,37 @@ def test_time_march_batched_start_points() -> None:
         sol.log_density(t, starts[:1], cond=torch.tensor([[5.0, 5.0]], dtype=DT))
 
 
+def test_time_march_batched_over_equation_parameters() -> None:
+    """One march over four (x₀, θ, σ) members: each matches the exact OU density of its own
+    parameters, built as a separate equation."""
+    eq = _fp(t_final=2.0, eval_times=[0.5, 2.0])
+    ansatz = GaussianMixtureAnsatz(GMMConfig(condition_on_x0=True), eq, DT, CPU)
+    thetas = torch.tensor([[[1.0, 0.6], [-0.4, 0.8]], [[0.5, 0.0], [0.0, 2.0]],
+                           [[1.5, -0.3], [0.2, 1.0]], [[1.0, 0.6], [-0.4, 0.8]]], dtype=DT)
+    sigmas = torch.tensor([[[0.8, 0.0], [0.4, 0.6]], [[0.3, 0.0], [0.0, 0.3]],
+                           [[1.0, 0.0], [-0.5, 0.7]], [[0.5, 0.0], [0.0, 0.5]]], dtype=DT)
+    level = torch.tensor([1.0, -0.5], dtype=DT)
+    starts = torch.tensor([[0.0, 0.0], [1.0, 1.0], [-1.0, 0.5], [0.0, 0.0]], dtype=DT)
+    params = {"sde.a": -thetas, "sde.c": thetas @ level, "sde.sigma": sigmas}
+    sol = TimeMarcher(TimeMarchConfig()).run(eq, ansatz, x0_batch=starts, param_batch=params).ansatz
+    assert sol.conditions.shape == (4, 2 + 4 + 2 + 4)
+    t = torch.tensor([0.5, 2.0], dtype=DT)
+    for b in range(4):
+        own = _fp(t_final=2.0, initial_mean=starts[b].tolist(),
+                  sde={"theta": thetas[b].tolist(), "mean": level.tolist(),
+                       "sigma": sigmas[b].tolist()})
+        mean, cov = own.exact_moments(t)
+        m_hat, c_hat = sol.moments(t, cond=sol.conditions[b])
+        torch.testing.assert_close(m_hat, mean, atol=1e-5, rtol=0)
+        torch.testing.assert_close(c_hat, cov, atol=1e-5, rtol=0)
+    with pytest.raises(UserError, match="not a parameter of this equation"):
+        TimeMarcher(TimeMarchConfig()).run(eq, ansatz, param_batch={"sde.theta": thetas})
+    with pytest.raises(UserError, match="the same number"):
+        TimeMarcher(TimeMarchConfig()).run(eq, ansatz, x0_batch=starts[:3], param_batch=params)
+    with pytest.raises(UserError, match=r"needs \(4, 2, 2\)"):
+        TimeMarcher(TimeMarchConfig()).run(eq, ansatz, param_batch={"sde.sigma": sigmas[:, :1]})
+
+
 @pytest.mark.parametrize("components", [1, 3])
 def test_rowwise_jacobian_matches_the_generic_one(components: int) -> None:
     """Levenberg–Marquardt's shortcut (one backward pass to the per-point state, per-point

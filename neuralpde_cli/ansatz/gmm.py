@@ -444,27 +444,33 @@ class MarchedMixture(_MixtureDensity):
     dense output Σⱼ cᵢⱼθʲ, θ = (t − tᵢ)/hᵢ (quartic for Dormand–Prince, cubic Hermite for RK4;
     C¹ in t, differentiable in t and x).
 
-    Batched over start points ``starts`` (B, d); ``cond`` rows select one (None: the first).
-    Times outside [0, T] are clamped.
+    Batched over ``conditions`` (B, c): a start point x₀ (d) followed by the flattened values
+    of any equation parameters marched in the same batch. ``cond`` rows select one by their
+    first c columns (None: the first). Times outside [0, T] are clamped.
     """
 
-    def __init__(self, layout: MixtureLayout, times: Tensor, coeffs: Tensor, starts: Tensor) -> None:
+    def __init__(self, layout: MixtureLayout, times: Tensor, coeffs: Tensor,
+                 conditions: Tensor) -> None:
         super().__init__(layout)
         self.register_buffer("times", times)
         self.register_buffer("coeffs", coeffs)  # (B, M − 1, degree + 1, n)
-        self.register_buffer("starts", starts)
+        self.register_buffer("conditions", conditions)
         self.t_final = float(times[-1])
 
     def start_index(self, cond: Tensor | None, n: int) -> Tensor:
         if cond is None:
             return torch.zeros(n, dtype=torch.long, device=self.times.device)
-        dist = torch.cdist(cond[:, :self.layout.dim], self.starts)
+        width = self.conditions.shape[1]
+        if cond.shape[-1] < width:
+            raise UserError(f"cond has {cond.shape[-1]} columns; this march is batched over "
+                            f"{width} (start point, then equation parameters)")
+        dist = torch.cdist(cond[:, :width], self.conditions)
         best, index = dist.min(-1)
-        tol = 1e-8 * (1.0 + self.starts.abs().max())
+        tol = 1e-8 * (1.0 + self.conditions.abs().max())
         if bool((best > tol).any()):
             bad = cond[int(torch.argmax(best))].tolist()
-            raise UserError(f"cond={bad} is not one of the marched start points "
-                            f"{self.starts.tolist()}; march it (x0_batch) first")
+            raise UserError(f"cond={bad} is not one of the marched start points (and parameters) "
+                            f"{self.conditions.tolist()}; march it (x0_batch, param_batch) first")
         return index
 
     def state_at(self, t: Tensor, cond: Tensor | None,

@@ -163,6 +163,39 @@ def base_points(n: int, dim: int, rule: str, dtype: torch.dtype, device: torch.d
     return z.to(device), torch.full((z.shape[0],), 1.0 / z.shape[0], dtype=dtype, device=device)
 
 
+class _RightHandSide(torch.nn.Module):
+    """(rhs of the PDE)/p at the points of one mixture: a module around the equation, so that
+    ``torch.func.functional_call`` can swap in one set of equation parameters per mixture."""
+
+    def __init__(self, equation: DensityEquation, layout: MixtureLayout) -> None:
+        super().__init__()
+        self.equation, self.layout = equation, layout
+
+    def forward(self, t: Tensor, x: Tensor, ev: MixtureEval) -> Tensor:
+        """t (M,), x (M, d), ev of one parameter set (P = 1) → (M,)."""
+        fields = self.layout.fields(ev, self.equation.diffusion_sqrt(t, x))
+        return self.equation.rhs_over_p(t, x, fields)
+
+
+def check_param_batch(equation: DensityEquation, param_batch: dict[str, Tensor],
+                      batch: int) -> dict[str, Tensor]:
+    """Equation buffers (names as in ``equation.named_buffers()``, e.g. ``sde.sigma``) with one
+    value per batch member, (B, *shape); B must match the start points (or one broadcasts)."""
+    known = dict(equation.named_buffers())
+    out: dict[str, Tensor] = {}
+    for name, value in param_batch.items():
+        if name not in known or name in ("initial_mean", "initial_cov"):
+            allowed = sorted(k for k in known if k not in ("initial_mean", "initial_cov"))
+            raise UserError(f"param_batch: {name!r} is not a parameter of this equation; "
+                            f"choose from {allowed} (start points go in x0_batch)")
+        value = torch.as_tensor(value).to(known[name])
+        if value.shape[1:] != known[name].shape or value.shape[0] not in (1, batch):
+            raise UserError(f"param_batch[{name!r}] has shape {tuple(value.shape)}; needs "
+                            f"({batch}, {', '.join(map(str, known[name].shape))})".rstrip(", ") + ")")
+        out[name] = value.expand(batch, *known[name].shape)
+    return out
+
+
 class _GalerkinField:
     """θ ↦ θ̇ for a batch of mixtures: the least-squares velocity at the current state.
 
@@ -174,21 +207,43 @@ class _GalerkinField:
     """
 
     def __init__(self, cfg: TimeMarchConfig, equation: DensityEquation, layout: MixtureLayout,
-                 z: Tensor, weights: Tensor, solver: str) -> None:
+                 z: Tensor, weights: Tensor, solver: str,
+                 params: dict[str, Tensor] | None = None) -> None:
         self.cfg, self.equation, self.layout, self.z, self.weights = cfg, equation, layout, z, weights
         self.solve = self._dense if solver == "dense" else self._cg
         self.residual = 0.0
+        self.rhs = _RightHandSide(equation, layout)
+        self.params = {f"equation.{k}": v for k, v in (params or {}).items()}
+
+    def _rhs_over_p(self, t: float, x: Tensor, ev: MixtureEval) -> Tensor:
+        """(rhs)/p at x (B, M, d): one call for shared coefficients, or vmapped over the
+        batch with each member's equation parameters swapped in."""
+        b, m, d = x.shape
+        if not self.params:
+            flat = x.reshape(-1, d)
+            tt = torch.full((flat.shape[0],), t, dtype=x.dtype, device=x.device)
+            fields = self.layout.fields(ev, self.equation.diffusion_sqrt(tt, flat))
+            return self.equation.rhs_over_p(tt, flat, fields).reshape(b, m)
+        tt = torch.full((m,), t, dtype=x.dtype, device=x.device)
+
+        def one(params: dict[str, Tensor], xb: Tensor, evb: MixtureEval) -> Tensor:
+            single = MixtureEval(*(a.unsqueeze(0) for a in evb))
+            return torch.func.functional_call(self.rhs, params, (tt, xb, single), strict=False)
+
+        try:
+            return torch.func.vmap(one)(self.params, x, ev)
+        except RuntimeError as exc:
+            raise UserError("a batch over equation parameters needs coefficients that torch.func "
+                            "can batch (closed-form divergences; no autograd inside): "
+                            f"{str(exc).splitlines()[0][:200]}") from None
 
     def __call__(self, t: float, state: Tensor) -> Tensor:
         lay, z = self.layout, self.z
         b, k, n, d = state.shape[0], lay.components, z.shape[0], lay.dim
         logits, means, entries = lay.unpack(state)
         x = (means.unsqueeze(2) + torch.einsum("bkij,nj->bkni", lay.chol(entries), z)).reshape(b, k * n, d)
-        flat = x.reshape(-1, d)
-        tt = torch.full((flat.shape[0],), t, dtype=state.dtype, device=state.device)
         ev = lay.evaluate(state, x)
-        fields = lay.fields(ev, self.equation.diffusion_sqrt(tt, flat))
-        f = self.equation.rhs_over_p(tt, flat, fields).reshape(b, k * n)
+        f = self._rhs_over_p(t, x, ev)
         comp = ev.weights if self.cfg.row_weights == "mixture" else torch.full_like(ev.weights, 1 / k)
         rw = (comp.unsqueeze(-1) * self.weights).reshape(b, k * n)
         eta, rel = self.solve(ev, rw, f)
@@ -274,12 +329,16 @@ class TimeMarcher:
 
     def run(self, equation: DensityEquation, ansatz: GaussianMixtureAnsatz,
             progress_callback: Callable[[float, dict[str, Any]], None] | None = None,
-            x0_batch: Tensor | None = None) -> MarchResult:
+            x0_batch: Tensor | None = None,
+            param_batch: dict[str, Tensor] | None = None) -> MarchResult:
         """March p from N(x₀, Σ₀) for each row of ``x0_batch`` (B, d) (default: the equation's
-        initial mean); ``progress_callback(t, {dt, lstsq_residual, elapsed_s})`` per step.
+        initial mean) and, with ``param_batch``, each member's own equation parameters
+        ({buffer name: (B, *shape)}, e.g. ``{"sde.sigma": (B, d, d)}``), all in one march;
+        ``progress_callback(t, {dt, lstsq_residual, elapsed_s})`` per step.
 
         The ansatz supplies the mixture's layout (K, d) and ``split``; its networks are not used
-        (the result is a new module, :class:`MarchedMixture`, holding the trajectory)."""
+        (the result is a new module, :class:`MarchedMixture`, holding the trajectories; its
+        ``cond`` rows are x₀ followed by the flattened parameters)."""
         if not isinstance(ansatz, GaussianMixtureAnsatz):
             raise UserError(f"optimizer=time_march marches a Gaussian mixture; got "
                             f"{type(ansatz).__name__} (use ansatz=gmm)")
@@ -294,6 +353,14 @@ class TimeMarcher:
         starts = ref.unsqueeze(0) if x0_batch is None else x0_batch.to(ref)
         if starts.dim() != 2 or starts.shape[1] != d:
             raise UserError(f"x0_batch has shape {tuple(starts.shape)}; needs (B, {d})")
+        batch = max([starts.shape[0]] + [int(torch.as_tensor(v).shape[0])
+                                         for v in (param_batch or {}).values()])
+        params = check_param_batch(equation, param_batch or {}, batch)
+        if starts.shape[0] not in (1, batch):
+            raise UserError(f"x0_batch has {starts.shape[0]} rows and param_batch {batch}; "
+                            "give both the same number (or one)")
+        starts = starts.expand(batch, d)
+        conditions = torch.cat([starts] + [v.reshape(batch, -1) for v in params.values()], 1)
         state = lay.initial_state(starts, torch.linalg.cholesky(equation.initial_cov),
                                   ansatz.cfg.split)
         solver = cfg.linear_solver if cfg.linear_solver != "auto" else (
@@ -304,12 +371,12 @@ class TimeMarcher:
         if solver == "dense" and bool((weights < 0).any()):
             raise UserError(f"optimizer.quadrature={rule} has negative weights in d={d}; "
                             "use it with optimizer.linear_solver=cg")
-        field_ = _GalerkinField(cfg, equation, lay, z, weights, solver)
+        field_ = _GalerkinField(cfg, equation, lay, z, weights, solver, params)
         with torch.no_grad():
             times, coeffs, history = self._integrate(field_, state, equation.t_final,
                                                      progress_callback)
         marched = MarchedMixture(lay, torch.tensor(times, dtype=ref.dtype, device=ref.device),
-                                 torch.stack(coeffs, 1), starts)
+                                 torch.stack(coeffs, 1), conditions)
         return MarchResult(marched, history)
 
     def _error_norm(self, layout: MixtureLayout, err: Tensor, state: Tensor) -> float:
