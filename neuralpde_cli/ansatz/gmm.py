@@ -464,13 +464,16 @@ class MarchedMixture(_MixtureDensity):
         if cond.shape[-1] < width:
             raise UserError(f"cond has {cond.shape[-1]} columns; this march is batched over "
                             f"{width} (start point, then equation parameters)")
-        dist = torch.cdist(cond[:, :width], self.conditions)
+        dist = torch.cdist(cond[:, :width], self.conditions,
+                           compute_mode="donot_use_mm_for_euclid_dist")  # exact for equal rows
         best, index = dist.min(-1)
         tol = 1e-8 * (1.0 + self.conditions.abs().max())
         if bool((best > tol).any()):
-            bad = cond[int(torch.argmax(best))].tolist()
-            raise UserError(f"cond={bad} is not one of the marched start points (and parameters) "
-                            f"{self.conditions.tolist()}; march it (x0_batch, param_batch) first")
+            bad = [round(v, 6) for v in cond[int(torch.argmax(best))].tolist()]
+            shown = [[round(v, 6) for v in c] for c in self.conditions[:4].tolist()]
+            raise UserError(f"cond={bad} is not one of the {self.conditions.shape[0]} marched start "
+                            f"points (and parameters) {shown}{' …' if len(self.conditions) > 4 else ''}"
+                            "; march it (x0_batch, param_batch) first")
         return index
 
     def state_at(self, t: Tensor, cond: Tensor | None,
