@@ -334,7 +334,7 @@ def test_time_march_batched_start_points() -> None:
         m_hat, c_hat = sol.moments(t, cond=starts[b])
         torch.testing.assert_close(m_hat, mean, atol=1e-5, rtol=0)
         torch.testing.assert_close(c_hat, cov, atol=1e-5, rtol=0)
-    with pytest.raises(UserError, match="not one of the marched start points"):
+    with pytest.raises(UserError, match="marched start points"):
         sol.log_density(t, starts[:1], cond=torch.tensor([[5.0, 5.0]], dtype=DT))
 
 
