@@ -211,6 +211,26 @@ def test_interrupted_anywhere_resumes_to_the_same_result(reference: Path, tmp_pa
     assert_same_result(run_dir, reference)
 
 
+def test_levenberg_marquardt_interrupted_resumes_to_the_same_result(tmp_path: Path) -> None:
+    """The damping Levenberg–Marquardt adapts is part of the checkpoint: interrupted at its
+    first step and mid-phase, resumed, the run ends bit-identical to an uninterrupted one."""
+    lm = ["experiment=ou_spacetime", "optimizer.lm_steps=12", "sampler.batch_size=16",
+          "trainer.progress=false", "trainer.checkpoint_every=5"]
+    reference_dir = tmp_path / "reference"
+    assert run_in_process([*lm, f"hydra.run.dir={reference_dir}"]).code == 0
+    run_dir = tmp_path / "run"
+    args = [*lm, f"hydra.run.dir={run_dir}"]
+    for step, signum in [(1, signal.SIGINT), (7, signal.SIGTERM)]:
+        with signal_at(step, signum):
+            result = run_in_process(args)
+        assert result.code == 128 + signum, result.err
+        assert_interrupted(run_dir, result.err, signum, step)
+        args = [f"resume={run_dir}"]
+    assert run_in_process(args).code == 0
+    assert {r["phase"] for r in metrics_rows(run_dir)} == {"lm"}
+    assert_same_result(run_dir, reference_dir)
+
+
 def test_signals_from_outside_then_resume(reference: Path, tmp_path: Path) -> None:
     """The console script: SIGINT during Adam (exit 130), resume, SIGTERM during L-BFGS (exit
     143), resume to the end: the same result as the uninterrupted run."""
