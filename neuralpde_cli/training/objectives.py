@@ -40,9 +40,10 @@ class DensityObjective:
         self.var0 = std[0, 0] ** 2
         growth = float((std[1] / std[0]).max() ** 2)
         if growth > SPREAD_WARNING:
-            log.warning("the density's variance grows %.0f× over [0, T]: space-time training "
-                        "struggles from such a narrow start (the 1/σ² terms at t ≈ 0 dominate); "
-                        "for a Gaussian mixture, optimizer=time_march solves it directly", growth)
+            log.warning("the density's variance grows %.0f× over [0, T]: first-order space-time "
+                        "training (Adam, L-BFGS) struggles from such a narrow start (the 1/σ² "
+                        "terms at t ≈ 0 dominate); for a Gaussian mixture, optimizer=time_march "
+                        "solves it directly, optimizer=levenberg_marquardt in space-time", growth)
 
     def freeze(self) -> None:
         n = self.sampler.cfg.batch_size * self.frozen_factor
