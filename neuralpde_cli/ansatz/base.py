@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -29,12 +31,15 @@ class DensityAnsatz(torch.nn.Module):
         """ℓ, ∂ₜℓ, ∇ℓ and tr(D∇²ℓ) with D = S Sᵀ; ``probes`` > 0 asks for a Hutchinson estimate."""
         raise NotImplementedError
 
-    def log_density_fields_rowwise(self, t: Tensor, x: Tensor, diffusion_sqrt: Tensor,
-                                   generator: torch.Generator | None = None
-                                   ) -> tuple[LogDensityFields, tuple[Tensor, ...]]:
-        """The fields at (tᵢ, xᵢ) and per-point tensors through which alone point i's fields
-        depend on the parameters (none by default): a shortcut for Gauss–Newton Jacobians."""
-        return self.log_density_fields(t, x, diffusion_sqrt, generator=generator), ()
+    def log_density_fields_rowwise(
+            self, t: Tensor, x: Tensor, diffusion_sqrt: Tensor,
+            generator: torch.Generator | None = None
+    ) -> tuple[LogDensityFields, tuple[Tensor, ...], Callable[[tuple[Tensor, ...]], Tensor] | None]:
+        """The fields at (tᵢ, xᵢ), plus a shortcut for Gauss–Newton Jacobians where the ansatz
+        has one: per-point tensors hᵢ through which alone point i depends on the parameters,
+        and the map from weights wᵢ to Σⱼwᵢⱼ∂hᵢⱼ/∂θ (see ``levenberg_marquardt.Residual``).
+        None by default."""
+        return self.log_density_fields(t, x, diffusion_sqrt, generator=generator), (), None
 
     def moments(self, t: Tensor) -> tuple[Tensor, Tensor] | None:
         """Mean (n_t, d) and covariance (n_t, d, d) in closed form, if the ansatz has them."""

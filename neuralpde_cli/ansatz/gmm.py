@@ -287,16 +287,18 @@ class _MixtureDensity(DensityAnsatz):
         state, rate, xs = self._grouped(t, x, cond, True)
         return self.layout.fields(self.layout.evaluate(state, xs), diffusion_sqrt, rate, state)
 
-    def log_density_fields_rowwise(self, t: Tensor, x: Tensor, diffusion_sqrt: Tensor,
-                                   generator: torch.Generator | None = None
-                                   ) -> tuple[LogDensityFields, tuple[Tensor, ...]]:
+    def log_density_fields_rowwise(
+            self, t: Tensor, x: Tensor, diffusion_sqrt: Tensor,
+            generator: torch.Generator | None = None
+    ) -> tuple[LogDensityFields, tuple[Tensor, ...], Callable[[tuple[Tensor, ...]], Tensor] | None]:
         """One parameter set per point: point i depends on the networks only through the state
         and its rate at tᵢ, (N, n) each, which makes a Gauss–Newton Jacobian cheap."""
         state, rate = self.state_at(t, None, True)
         ev = self.layout.evaluate(state, x.unsqueeze(1))
-        return self.layout.fields(ev, diffusion_sqrt, rate, state), (state, rate)
+        return (self.layout.fields(ev, diffusion_sqrt, rate, state), (state, rate),
+                self._state_pullback(t))
 
-    def rowwise_pullback(self, t: Tensor) -> Callable[[tuple[Tensor, ...]], Tensor] | None:
+    def _state_pullback(self, t: Tensor) -> Callable[[tuple[Tensor, ...]], Tensor] | None:
         """Row i ↦ Σⱼ wᵢⱼ ∂(state, rate)ᵢⱼ/∂θ at tᵢ for weights w = (w_state, w_rate), as
         per-point gradients (torch.func) of the parameters in ``parameters()`` order; None
         when there are no parameters (the trajectory of a march)."""
@@ -382,7 +384,7 @@ class GaussianMixtureAnsatz(_MixtureDensity):
         function for torch.func."""
         return self.state_at(t, None, True)
 
-    def rowwise_pullback(self, t: Tensor) -> Callable[[tuple[Tensor, ...]], Tensor] | None:
+    def _state_pullback(self, t: Tensor) -> Callable[[tuple[Tensor, ...]], Tensor] | None:
         if self.cfg.condition_on_x0:
             return None  # the state depends on cond too: use the generic Jacobian
         params = {k: v.detach() for k, v in self.named_parameters() if v.requires_grad}

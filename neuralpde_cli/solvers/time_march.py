@@ -164,7 +164,7 @@ def base_points(n: int, dim: int, rule: str, dtype: torch.dtype, device: torch.d
 
 
 class _RightHandSide(torch.nn.Module):
-    """(rhs of the PDE)/p at the points of one mixture: a module around the equation, so that
+    """(rhs of the PDE)/p at the points of mixtures: a module around the equation, so that
     ``torch.func.functional_call`` can swap in one set of equation parameters per mixture."""
 
     def __init__(self, equation: DensityEquation, layout: MixtureLayout) -> None:
@@ -172,7 +172,7 @@ class _RightHandSide(torch.nn.Module):
         self.equation, self.layout = equation, layout
 
     def forward(self, t: Tensor, x: Tensor, ev: MixtureEval) -> Tensor:
-        """t (M,), x (M, d), ev of one parameter set (P = 1) → (M,)."""
+        """t (P·N,), x (P·N, d) and ev of P parameter sets at N points each → (P·N,)."""
         fields = self.layout.fields(ev, self.equation.diffusion_sqrt(t, x))
         return self.equation.rhs_over_p(t, x, fields)
 
@@ -220,10 +220,8 @@ class _GalerkinField:
         batch with each member's equation parameters swapped in."""
         b, m, d = x.shape
         if not self.params:
-            flat = x.reshape(-1, d)
-            tt = torch.full((flat.shape[0],), t, dtype=x.dtype, device=x.device)
-            fields = self.layout.fields(ev, self.equation.diffusion_sqrt(tt, flat))
-            return self.equation.rhs_over_p(tt, flat, fields).reshape(b, m)
+            tt = torch.full((b * m,), t, dtype=x.dtype, device=x.device)
+            return self.rhs(tt, x.reshape(-1, d), ev).reshape(b, m)
         tt = torch.full((m,), t, dtype=x.dtype, device=x.device)
 
         def one(params: dict[str, Tensor], xb: Tensor, evb: MixtureEval) -> Tensor:

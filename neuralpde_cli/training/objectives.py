@@ -68,13 +68,11 @@ class DensityObjective:
         if phase == "ic":
             return terms
         t, x = self.sampler() if self.frozen is None else self.frozen[:2]
-        fields, through = self.ansatz.log_density_fields_rowwise(
+        fields, through, pullback = self.ansatz.log_density_fields_rowwise(
             t, x, self.equation.diffusion_sqrt(t, x), generator=self.sampler.generator)
         _, std = self.equation.envelope(t)
         scale = std[:, 0] ** 2 / self.var0
-        pullback = getattr(self.ansatz, "rowwise_pullback", lambda _: None)(t) if through else None
-        terms["pde"] = Residual(scale * self.equation.log_residual(t, x, fields),
-                                through if pullback is not None else (), pullback)
+        terms["pde"] = Residual(scale * self.equation.log_residual(t, x, fields), through, pullback)
         return terms
 
     def loss_terms(self, phase: str) -> dict[str, Tensor]:
