@@ -206,8 +206,8 @@ class Trainer:
     def _residual(self) -> Residual:
         """The weighted residual rows whose sum of squares is the total loss."""
         terms = self.objective.residual_terms(self.phase.name)  # type: ignore[attr-defined]
-        parts = [torch.sqrt(torch.as_tensor(self.cfg.weights.get(k, 1.0) / r.values.numel()))
-                 * r.values for k, r in terms.items()]
+        parts = [math.sqrt(self.cfg.weights.get(k, 1.0) / r.values.numel()) * r.values
+                 for k, r in terms.items()]
         if len(terms) == 1:  # a per-row Jacobian shortcut holds for a single term
             only = next(iter(terms.values()))
             return Residual(parts[0], only.through, only.pullback)
