@@ -245,13 +245,13 @@ class _GalerkinField:
         comp = ev.weights if self.cfg.row_weights == "mixture" else torch.full_like(ev.weights, 1 / k)
         rw = (comp.unsqueeze(-1) * self.weights).reshape(b, k * n)
         eta, rel = self.solve(ev, rw, f)
-        self.residual = max(self.residual, float(rel.max()))
+        self.residual = max(self.residual, float(rel.detach().max()))
         return lay.from_relative(eta, state)
 
     def _column_scale(self, sq: Tensor) -> Tensor:
         if self.cfg.ridge_scaling != "column":
             return torch.ones_like(sq)
-        norms = torch.sqrt(sq.clamp_min(0.0))
+        norms = torch.sqrt(sq.clamp_min(1e-300))  # not 0: √ has no derivative there
         return torch.maximum(norms, 1e-6 * norms.amax(-1, keepdim=True))
 
     def _dense(self, ev: MixtureEval, rw: Tensor, f: Tensor) -> tuple[Tensor, Tensor]:
@@ -328,7 +328,10 @@ class TimeMarcher:
     def run(self, equation: DensityEquation, ansatz: GaussianMixtureAnsatz,
             progress_callback: Callable[[float, dict[str, Any]], None] | None = None,
             x0_batch: Tensor | None = None,
-            param_batch: dict[str, Tensor] | None = None) -> MarchResult:
+            param_batch: dict[str, Tensor] | None = None,
+            initial_chol: Tensor | None = None,
+            step_times: list[float] | None = None,
+            differentiable: bool = False) -> MarchResult:
         """March p from N(x₀, Σ₀) for each row of ``x0_batch`` (B, d) (default: the equation's
         initial mean) and, with ``param_batch``, each member's own equation parameters
         ({buffer name: (B, *shape)}, e.g. ``{"sde.sigma": (B, d, d)}``), all in one march;
@@ -336,7 +339,13 @@ class TimeMarcher:
 
         The ansatz supplies the mixture's layout (K, d) and ``split``; its networks are not used
         (the result is a new module, :class:`MarchedMixture`, holding the trajectories; its
-        ``cond`` rows are x₀ followed by the flattened parameters)."""
+        ``cond`` rows are x₀ followed by the flattened parameters).
+
+        Calibration needs three more things: ``initial_chol`` (B, d, d) gives each member its
+        own starting Cholesky factor (a short-time Gaussian instead of one shared point width);
+        ``step_times`` replays a given list of step end times (no error control), so that the
+        result is a smooth function of the equation's parameters; ``differentiable`` keeps the
+        autograd graph (gradients in any equation tensor that requires grad)."""
         if not isinstance(ansatz, GaussianMixtureAnsatz):
             raise UserError(f"optimizer=time_march marches a Gaussian mixture; got "
                             f"{type(ansatz).__name__} (use ansatz=gmm)")
@@ -359,8 +368,10 @@ class TimeMarcher:
                             "give both the same number (or one)")
         starts = starts.expand(batch, d)
         conditions = torch.cat([starts] + [v.reshape(batch, -1) for v in params.values()], 1)
-        state = lay.initial_state(starts, torch.linalg.cholesky(equation.initial_cov),
-                                  ansatz.cfg.split)
+        chol0 = torch.linalg.cholesky(equation.initial_cov) if initial_chol is None else initial_chol
+        if initial_chol is not None and initial_chol.shape != (batch, d, d):
+            raise UserError(f"initial_chol has shape {tuple(initial_chol.shape)}; needs ({batch}, {d}, {d})")
+        state = lay.initial_state(starts, chol0, ansatz.cfg.split)
         solver = cfg.linear_solver if cfg.linear_solver != "auto" else (
             "cg" if lay.size > 2000 or d >= STROUD_FROM_DIM else "dense")
         rule = cfg.quadrature if cfg.quadrature != "auto" else (
@@ -370,9 +381,9 @@ class TimeMarcher:
             raise UserError(f"optimizer.quadrature={rule} has negative weights in d={d}; "
                             "use it with optimizer.linear_solver=cg")
         field_ = _GalerkinField(cfg, equation, lay, z, weights, solver, params)
-        with torch.no_grad():
+        with torch.set_grad_enabled(differentiable):
             times, coeffs, history = self._integrate(field_, state, equation.t_final,
-                                                     progress_callback)
+                                                     progress_callback, step_times)
         marched = MarchedMixture(lay, torch.tensor(times, dtype=ref.dtype, device=ref.device),
                                  torch.stack(coeffs, 1), conditions)
         return MarchResult(marched, history)
@@ -387,28 +398,35 @@ class TimeMarcher:
         return value if math.isfinite(value) else math.inf
 
     def _integrate(self, f: _GalerkinField, y: Tensor, t_final: float,
-                   callback: Callable[[float, dict[str, Any]], None] | None
+                   callback: Callable[[float, dict[str, Any]], None] | None,
+                   step_times: list[float] | None = None
                    ) -> tuple[list[float], list[Tensor], list[dict[str, float]]]:
-        """Accepted times, per-step polynomial coefficients (B, 5, n) in θ, and the history."""
+        """Accepted times, per-step polynomial coefficients (B, 5, n) in θ, and the history.
+
+        With ``step_times`` the steps end exactly there (Dormand–Prince, or RK4 with
+        ``method=rk4``) and no step is rejected."""
         cfg = self.cfg
-        adaptive = cfg.method == "rk45"
-        tab = DOPRI5 if adaptive else RK4
+        adaptive = cfg.method == "rk45" and step_times is None
+        tab = DOPRI5 if cfg.method == "rk45" else RK4
+        if step_times is not None:
+            t_final = float(step_times[-1])
         start = time.perf_counter()
         t, k1 = 0.0, f(0.0, y)
         h = cfg.first_step * t_final
         if h == 0.0:
-            rate = float(torch.sqrt((f.layout.to_relative(k1, y) ** 2).mean(-1)).max())
+            rate = float(torch.sqrt((f.layout.to_relative(k1, y).detach() ** 2).mean(-1)).max())
             h = min(0.1 * t_final, max(1e-12 * t_final, 0.2 * cfg.rtol ** 0.2 / max(rate, 1e-300)))
-        grid = np.concatenate([[0.0], np.geomspace(h, t_final, cfg.steps)])
+        grid = np.concatenate([[0.0], np.geomspace(h, t_final, cfg.steps)]) \
+            if step_times is None else np.concatenate([[0.0], np.asarray(step_times, dtype=float)])
         times, coeffs, history = [0.0], [], []
-        while t < t_final * (1 - 1e-14):
+        while t < t_final * (1 - 1e-14) and (step_times is None or len(history) < len(step_times)):
             if len(history) >= cfg.max_steps:
                 raise Diverged(f"time-march used optimizer.max_steps={cfg.max_steps} steps and "
                                f"reached only t={t:.4g} of {t_final:g}; raise max_steps or rtol")
             h = min(h, t_final - t) if adaptive else float(grid[len(history) + 1] - t)
             f.residual = 0.0
             y_new, k_new, err, poly = self._step(f, tab, t, y, h, k1)
-            norm = self._error_norm(f.layout, err, y_new) if adaptive else (
+            norm = self._error_norm(f.layout, err.detach(), y_new.detach()) if adaptive else (
                 0.0 if bool(torch.isfinite(y_new).all()) else math.inf)
             if norm > 1.0:
                 if not adaptive or h < 1e-14 * t_final:
