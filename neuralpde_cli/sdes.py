@@ -1,33 +1,44 @@
-"""Itô SDEs dX = μ(t, X) dt + σ(t, X) dW whose Fokker–Planck equations the project solves.
+"""Itô SDEs dX = μ(t, X) dt + σ(t, X) dW: the one home of an SDE for solve, simulate, calibrate.
 
 An SDE is a ``torch.nn.Module``: its coefficients are buffers (a calibration can switch on
 ``requires_grad`` and differentiate the density through them). Every SDE gives its drift μ and
 S with D = S Sᵀ = ½σσᵀ, closed-form divergences where they exist (``None`` lets the equation
-fall back to autograd), exact Gaussian moments when it is linear, and Euler–Maruyama paths
-for the Monte Carlo check.
+fall back to autograd), exact Gaussian moments when it is linear, and one transition sampler
+(exact where the law is known, Euler–Maruyama sub-steps otherwise).
+
+The calibratable parameters are named as in the config (``theta``, ``noise`` …; entries of
+matrices and vectors as ``theta[0][1]``, ``mean[1]`` when dim > 1): :func:`parameter_names`,
+:func:`parameter_values`, :func:`parameter_constraint`, and :func:`build_sde_with`, which builds
+the SDE from given tensors so the likelihood is differentiable in them.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import math
+import os
+import re
+import sys
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
 
 from neuralpde_cli.errors import UserError, check_choice
 
-KINDS = ("ou", "brownian", "double_well", "double_well_2d", "cir", "gbm", "custom")
+KINDS = ("ou", "brownian", "double_well", "double_well_2d", "cir", "cev", "gbm", "custom")
 
 
 @dataclass
 class SDEConfig:
-    #: ou: dX = θ(m − X)dt + σdW; brownian: dX = b dt + σdW; double_well: μ = x − x³ per
-    #: coordinate, σ = noise·I; double_well_2d: μ = (x₁ − x₁³ + c x₂, −x₂ + c x₁), σ = noise·I;
-    #: cir: dX = κ(level − X)dt + noise·√X dW; gbm: dX = κX dt + noise·X dW (κ = ``rate``);
-    #: custom: μ and σ from the importable callables ``drift`` and ``diffusion``.
+    #: ou: dX = θ(m − X)dt + σdW; brownian: dX = b dt + σdW; double_well: μ = linear·x − cubic·x³
+    #: per coordinate, σ = noise·I; double_well_2d: μ = (linear·x₁ − cubic·x₁³ + c x₂, −x₂ + c x₁),
+    #: σ = noise·I; cir: dX = κ(level − X)dt + noise·√X dW; cev: dX = κ(level − X)dt +
+    #: noise·X^γ dW; gbm: dX = κX dt + noise·X dW (κ = ``rate``); custom: μ and σ from the
+    #: callables ``drift`` and ``diffusion``.
     kind: str = "ou"
     #: OU drift matrix θ (d × d); the default is non-symmetric (eigenvalues 0.9 ± 0.49i)
     theta: list[list[float]] = field(default_factory=lambda: [[1.0, 0.6], [-0.4, 0.8]])
@@ -37,18 +48,66 @@ class SDEConfig:
     sigma: list[list[float]] = field(default_factory=lambda: [[0.8, 0.0], [0.4, 0.6]])
     #: brownian drift b (empty: zero)
     drift_vector: list[float] = field(default_factory=list)
-    #: scalar noise of double_well, double_well_2d, cir, gbm
+    #: scalar noise of double_well, double_well_2d, cir, cev, gbm
     noise: float = 0.5
-    #: mean-reversion rate κ (cir) or growth rate (gbm)
+    #: mean-reversion rate κ (cir, cev) or growth rate (gbm)
     rate: float = 1.0
-    #: cir long-run level
+    #: cir and cev long-run level
     level: float = 1.0
+    #: cev elasticity γ of the noise noise·X^γ (γ = ½ is CIR)
+    gamma: float = 0.5
+    #: double_well drift linear·x − cubic·x³
+    linear: float = 1.0
+    cubic: float = 1.0
     #: double_well_2d coupling c
     coupling: float = 0.5
-    #: custom: "package.module:function" with f(t (N,), x (N, d)) → μ (N, d)
+    #: custom: "package.module:function" or "path/to/file.py:function" with
+    #: f(t (N,), x (N, d)) → μ (N, d)
     drift: Optional[str] = None
-    #: custom: "package.module:function" with f(t, x) → σ, (d, r) constant or (N, d, r)
+    #: custom: as ``drift``, f(t, x) → σ, (d, r) constant or (N, d, r)
     diffusion: Optional[str] = None
+
+
+def _like(x: Tensor, generator: torch.Generator | None) -> dict:
+    """Where to draw random numbers: on the generator's device (a generator is tied to one)."""
+    return {"generator": generator, "dtype": x.dtype,
+            "device": generator.device if generator is not None else x.device}
+
+
+def _randn(shape: tuple[int, ...], x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.randn(*shape, **_like(x, generator)).to(x.device)
+
+
+def _rand(shape: tuple[int, ...], x: Tensor, generator: torch.Generator | None) -> Tensor:
+    return torch.rand(*shape, **_like(x, generator)).to(x.device)
+
+
+def standard_gamma(alpha: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """Gamma(α, 1) draws, one per entry of α > 0, from ``generator`` (torch's own gamma sampler
+    takes no generator, so a seeded simulation could not reproduce).
+
+    Marsaglia and Tsang (2000): squeeze-free rejection from a transformed normal for α ≥ 1;
+    α < 1 draws Gamma(α + 1)·U^{1/α}.
+    """
+    flat = alpha.reshape(-1)
+    boost = flat < 1
+    a = torch.where(boost, flat + 1.0, flat)
+    d = a - 1.0 / 3.0
+    c = 1.0 / torch.sqrt(9.0 * d)
+    out = torch.empty_like(flat)
+    pending = torch.arange(flat.shape[0], device=flat.device)
+    while pending.numel():
+        z = _randn((pending.numel(),), flat, generator)
+        u = _rand((pending.numel(),), flat, generator)
+        v = (1.0 + c[pending] * z) ** 3
+        dp = d[pending]
+        log_v = torch.log(torch.clamp(v, min=torch.finfo(v.dtype).tiny))
+        ok = (v > 0) & (torch.log(u) < 0.5 * z * z + dp - dp * v + dp * log_v)
+        out[pending[ok]] = (dp * v)[ok]
+        pending = pending[~ok]
+    u = _rand(tuple(flat.shape), flat, generator)
+    out = torch.where(boost, out * u ** (1.0 / flat), out)
+    return out.reshape(alpha.shape)
 
 
 class SDE(torch.nn.Module):
@@ -58,8 +117,10 @@ class SDE(torch.nn.Module):
     constant_diffusion: bool = True
     #: coefficients independent of t (the finite-volume reference factors its matrix once)
     autonomous: bool = True
-    #: the process stays above this bound in every coordinate (CIR, GBM: 0), else None
+    #: the process stays above this bound in every coordinate (CIR, CEV, GBM: 0), else None
     lower_bound: float | None = None
+    #: :meth:`sample_transition` draws from the exact law (else Euler–Maruyama sub-steps)
+    has_exact_transition: bool = False
 
     def __init__(self, dim: int) -> None:
         super().__init__()
@@ -85,26 +146,48 @@ class SDE(torch.nn.Module):
         """Mean (n_t, d) and covariance (n_t, d, d) of X_t from N(m0, C0) when X is Gaussian."""
         return None
 
+    def sample_transition(self, x0: Tensor, t0: Tensor, dt: Tensor,
+                          generator: torch.Generator | None = None,
+                          substep: float = 1e-3) -> Tensor:
+        """One draw of X(t0 + dt) given X(t0) = x0 per row: x0 (n, d), t0 (n,), dt (n,) ≥ 0.
+
+        Exact where :attr:`has_exact_transition` (subclasses override), else Euler–Maruyama with
+        equal sub-steps of at most ``substep`` per row.
+        """
+        return self.euler_steps(x0, t0, dt, generator, substep)
+
+    def euler_steps(self, x0: Tensor, t0: Tensor, dt: Tensor,
+                    generator: torch.Generator | None, substep: float) -> Tensor:
+        """Euler–Maruyama from (t0, x0) over dt per row, ⌈dt/substep⌉ equal steps each (rows
+        that have arrived stop moving); σ dW = √2 S dW."""
+        if substep <= 0:
+            raise UserError(f"the Euler–Maruyama sub-step must be > 0 (got {substep})")
+        steps = torch.where(dt > 0, torch.clamp(torch.ceil(dt / substep - 1e-9), min=1.0),
+                            torch.zeros_like(dt))
+        h = dt / torch.clamp(steps, min=1.0)
+        x, t = x0.clone(), t0.clone()
+        for k in range(int(steps.max().item()) if steps.numel() else 0):
+            hk = torch.where(steps > k, h, torch.zeros_like(h))
+            s = self.diffusion_sqrt(t, x)
+            dw = _randn((x.shape[0], s.shape[-1]), x, generator) * torch.sqrt(2.0 * hk)[:, None]
+            noise = dw @ s.T if s.dim() == 2 else (s @ dw.unsqueeze(-1)).squeeze(-1)
+            x = self.project(x + hk[:, None] * self.drift(t, x) + noise)
+            t = t + hk
+        return x
+
     def euler_maruyama(self, x0: Tensor, times: Tensor, n_paths: int,
                        generator: torch.Generator | None = None, dt: float = 1e-3) -> Tensor:
         """X at each of ``times`` (n_t, n_paths, d) from x0 ((d,) or (n_paths, d)) at t = 0.
 
-        Steps of at most ``dt`` land exactly on every requested time; σ dW = √2 S dW.
+        Steps of at most ``dt`` land exactly on every requested time.
         """
         x = x0.expand(n_paths, self.dim).clone()
         out, t = [], 0.0
         for target in times.tolist():
-            n = max(1, math.ceil((target - t) / dt - 1e-9)) if target > t else 0
-            h = (target - t) / n if n else 0.0
-            for _ in range(n):
-                tt = torch.full((n_paths,), t, dtype=x.dtype, device=x.device)
-                s = self.diffusion_sqrt(tt, x)
-                dw = torch.randn(n_paths, s.shape[-1], generator=generator,
-                                 dtype=x.dtype).to(x.device) * math.sqrt(2.0 * h)
-                noise = dw @ s.T if s.dim() == 2 else (s @ dw.unsqueeze(-1)).squeeze(-1)
-                x = self.project(x + h * self.drift(tt, x) + noise)
-                t += h
-            t = target
+            if target > t:
+                x = self.euler_steps(x, x.new_full((n_paths,), t), x.new_full((n_paths,), target - t),
+                                     generator, dt)
+            t = max(t, target)
             out.append(x.clone())
         return torch.stack(out)
 
@@ -135,6 +218,14 @@ def _vector(values: list[float], dim: int, name: str, dtype: torch.dtype,
     return torch.tensor(values, dtype=dtype, device=device)
 
 
+def _rowwise_gaussian(mean: Tensor, cov: Tensor, generator: torch.Generator | None) -> Tensor:
+    """One N(mean_i, cov_i) draw per row; the symmetric square root tolerates a singular cov."""
+    vals, vecs = torch.linalg.eigh(cov)
+    root = vecs * torch.sqrt(torch.clamp(vals, min=0.0)).unsqueeze(-2)
+    z = _randn(tuple(mean.shape), mean, generator)
+    return mean + (root @ z.unsqueeze(-1)).squeeze(-1)
+
+
 class LinearSDE(SDE):
     r"""dX = (A X + c) dt + σ dW: OU (A = −θ, c = θm) and Brownian motion with drift (A = 0).
 
@@ -142,6 +233,8 @@ class LinearSDE(SDE):
     differentiable in A, c, σ: exp([[A, c], [0, 0]] t) gives e^{At} and ∫₀ᵗe^{As}ds c; Van Loan's
     exp([[−A, Q], [0, Aᵀ]] t) = [[·, G], [0, F]] gives ∫₀ᵗ e^{As} Q e^{Aᵀs} ds = Fᵀ G, Q = σσᵀ.
     """
+
+    has_exact_transition = True
 
     def __init__(self, a: Tensor, c: Tensor, sigma: Tensor) -> None:
         super().__init__(a.shape[0])
@@ -158,34 +251,50 @@ class LinearSDE(SDE):
     def drift_divergence(self, t: Tensor, x: Tensor) -> Tensor:
         return torch.trace(self.a).expand(x.shape[0])
 
-    def exact_moments(self, t: Tensor, m0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor]:
-        d, n = self.dim, t.shape[0]
-        zero = torch.zeros(n, 1, d + 1, dtype=t.dtype, device=t.device)
+    def transition_moments(self, dt: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """X(t + Δ) = Φ X(t) + shift + N(0, cov) per entry of Δ (n,): Φ (n, d, d), shift (n, d),
+        cov (n, d, d)."""
+        d, n = self.dim, dt.shape[0]
+        zero = torch.zeros(n, 1, d + 1, dtype=dt.dtype, device=dt.device)
         top = torch.cat([self.a, self.c[:, None]], dim=1).expand(n, d, d + 1)
-        em = torch.matrix_exp(torch.cat([top, zero], dim=1) * t[:, None, None])
-        phi = em[:, :d, :d]
-        mean = (phi @ m0.unsqueeze(-1)).squeeze(-1) + em[:, :d, d]
+        em = torch.matrix_exp(torch.cat([top, zero], dim=1) * dt[:, None, None])
         q = self.sigma @ self.sigma.T
-        z = torch.zeros(d, d, dtype=t.dtype, device=t.device)
+        z = torch.zeros(d, d, dtype=dt.dtype, device=dt.device)
         block = torch.cat([torch.cat([-self.a, q], 1), torch.cat([z, self.a.T], 1)], 0)
-        ev = torch.matrix_exp(block * t[:, None, None])
+        ev = torch.matrix_exp(block * dt[:, None, None])
         noise = ev[:, d:, d:].transpose(-1, -2) @ ev[:, :d, d:]
+        return em[:, :d, :d], em[:, :d, d], 0.5 * (noise + noise.transpose(-1, -2))
+
+    def exact_moments(self, t: Tensor, m0: Tensor, c0: Tensor) -> tuple[Tensor, Tensor]:
+        phi, shift, noise = self.transition_moments(t)
+        mean = (phi @ m0.unsqueeze(-1)).squeeze(-1) + shift
         cov = phi @ c0 @ phi.transpose(-1, -2) + noise
         return mean, 0.5 * (cov + cov.transpose(-1, -2))
 
+    def sample_transition(self, x0: Tensor, t0: Tensor, dt: Tensor,
+                          generator: torch.Generator | None = None,
+                          substep: float = 1e-3) -> Tensor:
+        """Exact: N(Φx0 + shift, cov), the moments computed once per distinct Δt."""
+        steps, index = torch.unique(dt, return_inverse=True)
+        phi, shift, cov = self.transition_moments(steps)
+        mean = (phi[index] @ x0.unsqueeze(-1)).squeeze(-1) + shift[index]
+        return _rowwise_gaussian(mean, cov[index], generator)
+
 
 class DoubleWell(SDE):
-    """μᵢ = xᵢ − xᵢ³ (coordinate-wise; 1-D is the classic case), σ = noise·I."""
+    """μᵢ = linear·xᵢ − cubic·xᵢ³ (coordinate-wise; 1-D is the classic case), σ = noise·I."""
 
-    def __init__(self, dim: int, noise: Tensor) -> None:
+    def __init__(self, dim: int, noise: Tensor, linear: Tensor, cubic: Tensor) -> None:
         super().__init__(dim)
         self.register_buffer("noise", noise)
+        self.register_buffer("linear", linear)
+        self.register_buffer("cubic", cubic)
 
     def drift(self, t: Tensor, x: Tensor) -> Tensor:
-        return x - x ** 3
+        return self.linear * x - self.cubic * x ** 3
 
     def drift_divergence(self, t: Tensor, x: Tensor) -> Tensor:
-        return (1.0 - 3.0 * x * x).sum(-1)
+        return (self.linear - 3.0 * self.cubic * x * x).sum(-1)
 
     def diffusion_sqrt(self, t: Tensor, x: Tensor) -> Tensor:
         eye = torch.eye(self.dim, dtype=self.noise.dtype, device=self.noise.device)
@@ -193,38 +302,47 @@ class DoubleWell(SDE):
 
 
 class CoupledDoubleWell(DoubleWell):
-    """μ = (x₁ − x₁³ + c x₂, −x₂ + c x₁) in 2-D: a double well in x₁ pulled by an OU x₂."""
+    """μ = (linear·x₁ − cubic·x₁³ + c x₂, −x₂ + c x₁) in 2-D: a double well in x₁ pulled by an
+    OU x₂."""
 
-    def __init__(self, noise: Tensor, coupling: Tensor) -> None:
-        super().__init__(2, noise)
+    def __init__(self, noise: Tensor, coupling: Tensor, linear: Tensor, cubic: Tensor) -> None:
+        super().__init__(2, noise, linear, cubic)
         self.register_buffer("coupling", coupling)
 
     def drift(self, t: Tensor, x: Tensor) -> Tensor:
         x1, x2 = x[:, 0], x[:, 1]
-        return torch.stack([x1 - x1 ** 3 + self.coupling * x2, -x2 + self.coupling * x1], -1)
+        return torch.stack([self.linear * x1 - self.cubic * x1 ** 3 + self.coupling * x2,
+                            -x2 + self.coupling * x1], -1)
 
     def drift_divergence(self, t: Tensor, x: Tensor) -> Tensor:
-        return -3.0 * x[:, 0] ** 2
+        return self.linear - 1.0 - 3.0 * self.cubic * x[:, 0] ** 2
 
 
 class StateDependentNoise(SDE):
-    r"""Diagonal noise σᵢ(x) = noise·xᵢ^power with power ½ (CIR) or 1 (geometric).
+    r"""Diagonal noise σᵢ(x) = noise·xᵢ^p with p = ½ (CIR) or 1 (geometric); CEV frees p.
 
     D = ½noise² diag(x^{2p}), so Σⱼ∂ⱼDᵢⱼ = p·noise²·xᵢ^{2p−1} and Σᵢ∂ᵢ²Dᵢᵢ = p(2p−1)noise²Σxᵢ^{2p−2}.
-    CIR drift κ(level − x), geometric drift κx. The state is x > 0; paths are truncated at 0.
+    CIR drift κ(level − x), geometric drift κx. The state is x > 0; Euler paths are truncated
+    at 0. Exact transitions: CIR is a scaled non-central χ² (a Poisson mixture of Gammas), GBM
+    log-normal, coordinate by coordinate.
     """
 
     constant_diffusion = False
     lower_bound = 0.0
+    has_exact_transition = True
 
     def __init__(self, dim: int, power: float, noise: Tensor, rate: Tensor,
                  level: Tensor | None) -> None:
         super().__init__(dim)
-        self.power = power
+        self._power = power
         self.register_buffer("noise", noise)
         self.register_buffer("rate", rate)
         self.register_buffer("level", level if level is not None else torch.zeros_like(rate))
         self.reverting = level is not None
+
+    @property
+    def power(self) -> float | Tensor:
+        return self._power
 
     def drift(self, t: Tensor, x: Tensor) -> Tensor:
         return self.rate * (self.level - x) if self.reverting else self.rate * x
@@ -239,26 +357,96 @@ class StateDependentNoise(SDE):
 
     def diffusion_divergences(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         p, s2 = self.power, self.noise ** 2
-        inside = (x > 0).to(x.dtype)  # D = 0 below the bound: no divergence there
-        xp = torch.clamp(x, min=0.0)
-        div = p * s2 * inside * xp ** (2 * p - 1)
-        if p == 0.5:  # D linear in x: no second derivative (and x^{-1} would be 0·∞ at 0)
-            return div, torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
-        return div, (p * (2 * p - 1) * s2 * inside * xp ** (2 * p - 2)).sum(-1)
+        inside = x > 0  # D = 0 below the bound: no divergence there
+        safe = torch.where(inside, x, torch.ones_like(x))  # finite powers (no 0·∞) at and below 0
+        zero = torch.zeros_like(x)
+        div = torch.where(inside, p * s2 * safe ** (2 * p - 1), zero)
+        # p = ½ (CIR): D is linear in x and the second term vanishes identically
+        return div, torch.where(inside, p * (2 * p - 1) * s2 * safe ** (2 * p - 2), zero).sum(-1)
 
     def project(self, x: Tensor) -> Tensor:
         return torch.clamp(x, min=0.0)
 
+    def sample_transition(self, x0: Tensor, t0: Tensor, dt: Tensor,
+                          generator: torch.Generator | None = None,
+                          substep: float = 1e-3) -> Tensor:
+        moved = dt[:, None] > 0
+        h = torch.where(moved, dt[:, None], torch.ones_like(dt[:, None]))  # Δ = 0 rows stay put
+        if not self.reverting:  # GBM: log X moves by (κ − σ²/2)Δ + σ√Δ Z
+            z = _randn(tuple(x0.shape), x0, generator)
+            out = x0 * torch.exp((self.rate - 0.5 * self.noise ** 2) * h
+                                 + self.noise * torch.sqrt(h) * z)
+            return torch.where(moved, out, x0)
+        # CIR: 2c·X(t+Δ) ~ χ²'(df = 4κμ/σ², nc = 2c·x0·e^{−κΔ}), c = 2κ/(σ²(1 − e^{−κΔ}));
+        # χ²'(df, nc) = χ²(df + 2N), N ~ Poisson(nc/2), and χ²(k)/2 ~ Gamma(k/2, 1)
+        decay = torch.exp(-self.rate * h)
+        c = 2.0 * self.rate / (self.noise ** 2 * (1.0 - decay))
+        df = 4.0 * self.rate * self.level / self.noise ** 2
+        rate_n = c * torch.clamp(x0, min=0.0) * decay
+        where = generator.device if generator is not None else x0.device
+        n = torch.poisson(rate_n.to(where), generator=generator).to(x0.device)
+        out = standard_gamma(df / 2.0 + n, generator) / c
+        return torch.where(moved, out, x0)
+
+
+class CEV(StateDependentNoise):
+    """dX = κ(level − X)dt + noise·X^γ dW: CIR's drift with a free elasticity γ (a buffer, so it
+    can be calibrated); no closed-form law, so transitions are Euler–Maruyama sub-steps."""
+
+    has_exact_transition = False
+
+    def __init__(self, dim: int, gamma: Tensor, noise: Tensor, rate: Tensor, level: Tensor) -> None:
+        super().__init__(dim, 0.5, noise, rate, level)
+        self.register_buffer("gamma", gamma)
+
+    @property
+    def power(self) -> Tensor:
+        return self.gamma
+
+    def sample_transition(self, x0: Tensor, t0: Tensor, dt: Tensor,
+                          generator: torch.Generator | None = None,
+                          substep: float = 1e-3) -> Tensor:
+        return self.euler_steps(x0, t0, dt, generator, substep)
+
+
+def _import_module(module_name: str, spec: str, what: str) -> object:
+    """A module by file path ("./mydrift.py", "lib/f.py") or by dotted name, the current folder
+    searched first for the latter (as ``python script.py`` would; the console script does not)."""
+    try:
+        if module_name.endswith(".py") or "/" in module_name or os.sep in module_name:
+            file = Path(module_name).expanduser()
+            if not file.is_file():
+                raise UserError(f"equation.sde.{what}={spec!r}: no such file {file.resolve()}")
+            loader = importlib.util.spec_from_file_location(f"neuralpde_user_{file.stem}", file)
+            if loader is None or loader.loader is None:
+                raise UserError(f"equation.sde.{what}={spec!r}: {file} is not a Python file")
+            module = importlib.util.module_from_spec(loader)
+            loader.loader.exec_module(module)
+            return module
+        cwd = os.getcwd()
+        added = cwd not in sys.path
+        if added:
+            sys.path.insert(0, cwd)
+        try:
+            return importlib.import_module(module_name)
+        finally:
+            if added:
+                sys.path.remove(cwd)
+    except UserError:
+        raise
+    except Exception as exc:  # the user's module: import errors, syntax errors, its own failures
+        raise UserError(f"equation.sde.{what}={spec!r}: cannot import {module_name!r} "
+                        f"({type(exc).__name__}: {exc})") from None
+
 
 def load_callable(path: str, what: str) -> Callable[..., Tensor]:
-    """The function named "package.module:function", or a UserError saying what is wrong."""
-    if not isinstance(path, str) or path.count(":") != 1:
-        raise UserError(f"equation.sde.{what}={path!r} must look like 'package.module:function'")
-    module_name, attr = path.split(":")
-    try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise UserError(f"equation.sde.{what}={path!r}: cannot import {module_name!r} ({exc})") from None
+    """The function named "package.module:function" or "path/to/file.py:function", or a
+    UserError saying what is wrong."""
+    if not isinstance(path, str) or ":" not in path or path.endswith(":") or path.startswith(":"):
+        raise UserError(f"equation.sde.{what}={path!r} must look like 'package.module:function' "
+                        "or 'path/to/file.py:function'")
+    module_name, _, attr = path.rpartition(":")
+    module = _import_module(module_name, path, what)
     fn = getattr(module, attr, None)
     if not callable(fn):
         raise UserError(f"equation.sde.{what}={path!r}: module {module_name!r} has no callable "
@@ -317,36 +505,194 @@ class CallableSDE(SDE):
         return s / math.sqrt(2.0)
 
 
-def build_sde(cfg: SDEConfig, dim: int, dtype: torch.dtype, device: torch.device) -> SDE:
-    """The SDE the config names, its shapes checked against ``dim``."""
-    check_choice("equation.sde.kind", cfg.kind, KINDS)
-    scalar = lambda v: torch.tensor(float(v), dtype=dtype, device=device)  # noqa: E731
-    if cfg.kind in ("double_well", "double_well_2d", "cir", "gbm") and cfg.noise <= 0:
+# --- calibratable parameters ------------------------------------------------------------------
+#: the config keys each kind's law depends on, in the order calibration lists them
+PARAMETER_KEYS: dict[str, tuple[str, ...]] = {
+    "ou": ("theta", "mean", "sigma"),
+    "brownian": ("drift_vector", "sigma"),
+    "double_well": ("linear", "cubic", "noise"),
+    "double_well_2d": ("linear", "cubic", "coupling", "noise"),
+    "cir": ("rate", "level", "noise"),
+    "cev": ("rate", "level", "noise", "gamma"),
+    "gbm": ("rate", "noise"),
+    "custom": ("sigma",),  # only without a diffusion callable; the callables have no parameters
+}
+_MATRICES = ("theta", "sigma")
+_VECTORS = ("mean", "drift_vector")
+#: scalars that must be > 0 (rate is a growth rate of any sign for gbm)
+_POSITIVE = ("noise", "level", "gamma", "cubic")
+_NAME = re.compile(r"^([a-z_]+)((?:\[\d+\])*)$")
+
+
+def _keys(kind: str, has_sigma: bool = True) -> tuple[str, ...]:
+    check_choice("equation.sde.kind", kind, KINDS)
+    keys = PARAMETER_KEYS[kind]
+    return keys if has_sigma or kind != "custom" else ()
+
+
+def _entries(key: str, dim: int) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, index) of each calibratable scalar of ``key``: σ is parametrized by its lower
+    triangle (σσᵀ is all the law sees); 1-D matrices and vectors are plain scalars."""
+    if key in _MATRICES:
+        if dim == 1:
+            return [(key, (0, 0))]
+        pairs = [(i, j) for i in range(dim) for j in range(dim) if key == "theta" or j <= i]
+        return [(f"{key}[{i}][{j}]", (i, j)) for i, j in pairs]
+    if key in _VECTORS:
+        return [(key, (0,))] if dim == 1 else [(f"{key}[{i}]", (i,)) for i in range(dim)]
+    return [(key, ())]
+
+
+def _names(kind: str, dim: int, has_sigma: bool = True) -> dict[str, tuple[str, tuple[int, ...]]]:
+    return {name: (key, index) for key in _keys(kind, has_sigma)
+            for name, index in _entries(key, dim)}
+
+
+def _lookup(kind: str, name: str, dim: int, has_sigma: bool = True) -> tuple[str, tuple[int, ...]]:
+    known = _names(kind, dim, has_sigma)
+    if name not in known:
+        raise UserError(f"{name!r} is not a parameter of equation.sde.kind={kind} (dim={dim}); "
+                        f"its parameters are {list(known) or 'none'}")
+    return known[name]
+
+
+def parameter_names(cfg: SDEConfig, dim: int) -> list[str]:
+    """The kind's calibratable scalars, flat: ``["theta", "mean", "sigma"]`` for 1-D OU,
+    ``["theta[0][0]", …, "mean[1]", "sigma[1][1]"]`` (σ's lower triangle) for 2-D."""
+    return list(_names(cfg.kind, dim, has_sigma=not cfg.diffusion))
+
+
+def parameter_constraint(kind: str, name: str, dim: int) -> str:
+    """"positive" or "real": what each parameter must satisfy for the SDE to be the one named.
+
+    Positive: noise, level, γ, cubic, the CIR/CEV rate, 1-D θ (mean reversion) and σ's
+    diagonal (σ is the lower Cholesky factor of σσᵀ); everything else is real. Stability of a
+    d-dimensional θ is a matrix condition, not an entry-wise one, and is left to the caller.
+    """
+    key, index = _lookup(kind, name, dim)
+    if key in _POSITIVE or (key == "rate" and kind != "gbm"):
+        return "positive"
+    if key == "sigma" and index[0] == index[1]:
+        return "positive"
+    if key == "theta" and dim == 1:
+        return "positive"
+    return "real"
+
+
+def _cholesky_factor(sigma: Tensor) -> Tensor:
+    """The lower-triangular L with positive diagonal and LLᵀ = σσᵀ (σ itself, columns' signs
+    flipped, when it is already lower triangular, so a singular σ is kept)."""
+    if not torch.any(torch.triu(sigma, diagonal=1) != 0):
+        signs = torch.where(torch.diagonal(sigma) < 0, -1.0, 1.0).to(sigma.dtype)
+        return sigma * signs
+    factor, info = torch.linalg.cholesky_ex(sigma @ sigma.T)
+    if int(info) != 0:
+        raise UserError(f"equation.sde.sigma={sigma.tolist()} is singular and not lower "
+                        "triangular; give it as a lower-triangular matrix to calibrate it")
+    return factor
+
+
+def _config_tensors(cfg: SDEConfig, dim: int, keys: tuple[str, ...], dtype: torch.dtype,
+                    device: torch.device, as_factor: bool) -> dict[str, Tensor]:
+    """The kind's parameters from the config as tensors, shapes checked; σ as its Cholesky
+    factor when ``as_factor`` (the form calibration names the entries of)."""
+    out = {}
+    for key in keys:
+        value = getattr(cfg, key)
+        if key in _MATRICES:
+            out[key] = _matrix(value, dim, key, dtype, device)
+            if key == "sigma" and as_factor:
+                out[key] = _cholesky_factor(out[key])
+        elif key in _VECTORS:
+            out[key] = _vector(value, dim, key, dtype, device)
+        else:
+            out[key] = torch.tensor(float(value), dtype=dtype, device=device)
+    return out
+
+
+def parameter_values(cfg: SDEConfig, dim: int) -> dict[str, float]:
+    """The config's value of every name in :func:`parameter_names` (σ entries of its lower
+    Cholesky factor, which equals σ for a lower-triangular σ with positive diagonal)."""
+    names = _names(cfg.kind, dim, has_sigma=not cfg.diffusion)
+    keys = tuple(dict.fromkeys(key for key, _ in names.values()))
+    tensors = _config_tensors(cfg, dim, keys, torch.float64, torch.device("cpu"), as_factor=True)
+    return {name: float(tensors[key][index]) for name, (key, index) in names.items()}
+
+
+def _check_config_values(cfg: SDEConfig, replaced: set[str]) -> None:
+    """The range checks on config values the caller does not replace."""
+    if cfg.kind in ("double_well", "double_well_2d", "cir", "cev", "gbm") and \
+            "noise" not in replaced and cfg.noise <= 0:
         raise UserError(f"equation.sde.noise={cfg.noise} must be > 0")
+    if cfg.kind in ("cir", "cev"):
+        for key in ("rate", "level") + (("gamma",) if cfg.kind == "cev" else ()):
+            if key not in replaced and getattr(cfg, key) <= 0:
+                raise UserError(f"equation.sde.{key}={getattr(cfg, key)} must be > 0 for "
+                                f"kind={cfg.kind}")
+
+
+def build_sde_with(cfg: SDEConfig, dim: int, values: Mapping[str, Tensor | float],
+                   dtype: torch.dtype, device: torch.device) -> SDE:
+    """The SDE of ``cfg`` with the named entries (:func:`parameter_names`) replaced by the given
+    0-d tensors, differentiable in them; the caller keeps them within :func:`parameter_constraint`.
+    """
+    names = _names(cfg.kind, dim, has_sigma=not cfg.diffusion)
+    for name in values:
+        _lookup(cfg.kind, name, dim, has_sigma=not cfg.diffusion)
+    replaced = {names[name][0] for name in values}
+    _check_config_values(cfg, replaced)
+    keys = _keys(cfg.kind, has_sigma=not cfg.diffusion)
+    callables = _custom_callables(cfg) if cfg.kind == "custom" else None  # before σ's shape
+    tensors = _config_tensors(cfg, dim, keys, dtype, device, as_factor="sigma" in replaced)
+    cloned: set[str] = set()
+    for name, value in values.items():
+        key, index = names[name]
+        v = torch.as_tensor(value, dtype=dtype, device=device)
+        if v.dim() != 0:
+            raise UserError(f"build_sde_with: {name!r} needs a 0-d tensor, got shape {tuple(v.shape)}")
+        if not index:
+            tensors[key] = v
+            continue
+        if key not in cloned:  # out of place: the config tensors stay untouched
+            tensors[key] = tensors[key].clone()
+            cloned.add(key)
+        tensors[key][index] = v
+    return _assemble(cfg, dim, tensors, dtype, device, callables)
+
+
+def _custom_callables(cfg: SDEConfig) -> tuple[Callable[..., Tensor], Callable[..., Tensor] | None]:
+    if not cfg.drift:
+        raise UserError("equation.sde.kind=custom needs equation.sde.drift='package.module:function'"
+                        " (or 'path/to/file.py:function')")
+    drift = load_callable(cfg.drift, "drift")
+    return drift, load_callable(cfg.diffusion, "diffusion") if cfg.diffusion else None
+
+
+def _assemble(cfg: SDEConfig, dim: int, p: dict[str, Tensor], dtype: torch.dtype,
+              device: torch.device, callables: tuple | None) -> SDE:
+    """The SDE object of ``cfg.kind`` from its parameter tensors."""
     if cfg.kind == "ou":
-        theta = _matrix(cfg.theta, dim, "theta", dtype, device)
-        mean = _vector(cfg.mean, dim, "mean", dtype, device)
-        return LinearSDE(-theta, theta @ mean, _matrix(cfg.sigma, dim, "sigma", dtype, device))
+        return LinearSDE(-p["theta"], p["theta"] @ p["mean"], p["sigma"])
     if cfg.kind == "brownian":
-        b = _vector(cfg.drift_vector, dim, "drift_vector", dtype, device)
         zero = torch.zeros(dim, dim, dtype=dtype, device=device)
-        return LinearSDE(zero, b, _matrix(cfg.sigma, dim, "sigma", dtype, device))
+        return LinearSDE(zero, p["drift_vector"], p["sigma"])
     if cfg.kind == "double_well":
-        return DoubleWell(dim, scalar(cfg.noise))
+        return DoubleWell(dim, p["noise"], p["linear"], p["cubic"])
     if cfg.kind == "double_well_2d":
         if dim != 2:
             raise UserError(f"equation.sde.kind=double_well_2d needs equation.dim=2 (got {dim})")
-        return CoupledDoubleWell(scalar(cfg.noise), scalar(cfg.coupling))
-    if cfg.kind in ("cir", "gbm"):
-        if cfg.kind == "cir" and (cfg.rate <= 0 or cfg.level <= 0):
-            raise UserError(f"equation.sde.rate={cfg.rate} and level={cfg.level} must be > 0 "
-                            "for kind=cir")
-        level = scalar(cfg.level) if cfg.kind == "cir" else None
-        return StateDependentNoise(dim, 0.5 if cfg.kind == "cir" else 1.0, scalar(cfg.noise),
-                                   scalar(cfg.rate), level)
-    if not cfg.drift:
-        raise UserError("equation.sde.kind=custom needs equation.sde.drift='package.module:function'")
-    drift = load_callable(cfg.drift, "drift")
-    diffusion = load_callable(cfg.diffusion, "diffusion") if cfg.diffusion else None
-    sigma = None if diffusion is not None else _matrix(cfg.sigma, dim, "sigma", dtype, device)
-    return CallableSDE(dim, drift, diffusion, sigma, (cfg.drift, cfg.diffusion or ""), dtype, device)
+        return CoupledDoubleWell(p["noise"], p["coupling"], p["linear"], p["cubic"])
+    if cfg.kind == "cir":
+        return StateDependentNoise(dim, 0.5, p["noise"], p["rate"], p["level"])
+    if cfg.kind == "gbm":
+        return StateDependentNoise(dim, 1.0, p["noise"], p["rate"], None)
+    if cfg.kind == "cev":
+        return CEV(dim, p["gamma"], p["noise"], p["rate"], p["level"])
+    drift, diffusion = callables
+    return CallableSDE(dim, drift, diffusion, p.get("sigma"), (cfg.drift, cfg.diffusion or ""),
+                       dtype, device)
+
+
+def build_sde(cfg: SDEConfig, dim: int, dtype: torch.dtype, device: torch.device) -> SDE:
+    """The SDE the config names, its shapes checked against ``dim``."""
+    return build_sde_with(cfg, dim, {}, dtype, device)

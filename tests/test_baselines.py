@@ -1,0 +1,224 @@
+"""The pieces calibration is judged by: SDE parameters, exact transition sampling, the exact
+OU/CIR transition densities, and the Euler and Kessler Gaussian approximations.
+
+Every accuracy check is against an exact law computed independently (scipy's non-central χ²,
+closed-form conditional moments, numerical integration), never against earlier output.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import scipy.integrate
+import scipy.stats
+import torch
+
+from neuralpde_cli.errors import UserError
+from neuralpde_cli.sdes import (SDEConfig, build_sde, build_sde_with, parameter_constraint,
+                                parameter_names, parameter_values, standard_gamma)
+
+DT = torch.float64
+CPU = torch.device("cpu")
+OU1 = dict(kind="ou", theta=[[1.0]], mean=[0.5], sigma=[[0.3]])
+CIR = dict(kind="cir", rate=3.0, level=0.3, noise=0.2)
+CEV = dict(kind="cev", rate=3.0, level=2.0, noise=0.2, gamma=0.5)
+PROBE = np.random.default_rng(0).uniform(0.3, 1.5, size=(4, 2))
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _sde(dim: int = 1, **kw) -> torch.nn.Module:
+    return build_sde(SDEConfig(**kw), dim, DT, CPU)
+
+
+# --- parameters -----------------------------------------------------------------------------
+def test_parameter_names_values_and_constraints() -> None:
+    assert parameter_names(SDEConfig(**OU1), 1) == ["theta", "mean", "sigma"]
+    assert parameter_values(SDEConfig(**OU1), 1) == {"theta": 1.0, "mean": 0.5, "sigma": 0.3}
+    assert parameter_names(SDEConfig(**CEV), 1) == ["rate", "level", "noise", "gamma"]
+    assert parameter_names(SDEConfig(kind="double_well"), 1) == ["linear", "cubic", "noise"]
+    assert parameter_names(SDEConfig(kind="brownian", drift_vector=[0.1]), 1) == ["drift_vector", "sigma"]
+    two = parameter_names(SDEConfig(), 2)  # 2-D OU: θ in full, σ's lower triangle
+    assert two == ["theta[0][0]", "theta[0][1]", "theta[1][0]", "theta[1][1]", "mean[0]",
+                   "mean[1]", "sigma[0][0]", "sigma[1][0]", "sigma[1][1]"]
+    assert parameter_values(SDEConfig(), 2)["theta[1][0]"] == -0.4
+    constraints = {n: parameter_constraint("ou", n, 2) for n in two}
+    assert [n for n, c in constraints.items() if c == "positive"] == ["sigma[0][0]", "sigma[1][1]"]
+    assert parameter_constraint("ou", "theta", 1) == "positive"
+    assert parameter_constraint("gbm", "rate", 1) == "real"
+    assert parameter_constraint("cir", "rate", 1) == "positive"
+    assert parameter_constraint("double_well", "linear", 1) == "real"
+    with pytest.raises(UserError, match=r"'kappa' is not a parameter of equation.sde.kind=cir.*'rate'"):
+        parameter_constraint("cir", "kappa", 1)
+    with pytest.raises(UserError, match=r"'theta\[2\]\[0\]' is not a parameter"):
+        build_sde_with(SDEConfig(), 2, {"theta[2][0]": torch.tensor(1.0)}, DT, CPU)
+
+
+def test_sigma_is_named_by_its_cholesky_factor() -> None:
+    """A non-triangular σ is named by the lower factor of σσᵀ, which gives the same law."""
+    cfg = SDEConfig(sigma=[[0.6, 0.3], [0.2, -0.5]])
+    values = parameter_values(cfg, 2)
+    rebuilt = build_sde_with(cfg, 2, {k: torch.tensor(v, dtype=DT) for k, v in values.items()}, DT, CPU)
+    original = build_sde(cfg, 2, DT, CPU)
+    torch.testing.assert_close(rebuilt.sigma @ rebuilt.sigma.T, original.sigma @ original.sigma.T)
+    assert rebuilt.sigma[0, 1] == 0 and rebuilt.sigma[1, 1] > 0
+    torch.testing.assert_close(rebuilt.a, original.a)
+    torch.testing.assert_close(rebuilt.c, original.c)
+
+
+@pytest.mark.parametrize("kind, dim, cfg", [
+    ("ou", 2, {}), ("cir", 1, CIR), ("cev", 1, CEV), ("double_well", 1, {"linear": 0.8, "cubic": 1.3}),
+    ("double_well_2d", 2, {}), ("gbm", 1, {}), ("brownian", 2, {"drift_vector": [0.1, -0.2]}),
+])
+def test_build_sde_with_is_differentiable(kind: str, dim: int, cfg: dict) -> None:
+    """gradcheck (autograd against central differences) of drift, diffusion and, for linear
+    SDEs, the exact transition moments, in every calibratable parameter at once."""
+    config = SDEConfig(**{**cfg, "kind": kind})
+    names = parameter_names(config, dim)
+    start = parameter_values(config, dim)
+    x = torch.tensor(PROBE[:, :dim], dtype=DT)
+    t = torch.zeros(x.shape[0], dtype=DT)
+
+    def coefficients(*values: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        sde = build_sde_with(config, dim, dict(zip(names, values)), DT, CPU)
+        out = (sde.drift(t, x), sde.diffusion_sqrt(t, x))
+        if hasattr(sde, "transition_moments"):
+            out += sde.transition_moments(torch.tensor([0.3, 1.0], dtype=DT))
+        return out
+
+    values = tuple(torch.tensor(start[n], dtype=DT, requires_grad=True) for n in names)
+    assert torch.autograd.gradcheck(coefficients, values)
+    # with no values given it is build_sde: the same coefficients
+    plain = build_sde(config, dim, DT, CPU)
+    torch.testing.assert_close(coefficients(*[v.detach() for v in values])[0], plain.drift(t, x))
+
+
+def test_cev_and_double_well_coefficients() -> None:
+    x = torch.tensor(PROBE[:, :1], dtype=DT)
+    t = torch.zeros(4, dtype=DT)
+    dw = _sde(kind="double_well", linear=0.7, cubic=1.9, noise=0.4)
+    torch.testing.assert_close(dw.drift(t, x), 0.7 * x - 1.9 * x ** 3)
+    cev = _sde(**{**CEV, "gamma": 0.8})
+    torch.testing.assert_close(cev.drift(t, x), 3.0 * (2.0 - x))
+    torch.testing.assert_close(cev.diffusion_sqrt(t, x)[:, 0, 0], 0.2 * x[:, 0] ** 0.8 / math.sqrt(2))
+    # closed-form divergences of D = ½σ² x^{2γ} against autograd (the equation's fallback)
+    from neuralpde_cli.equations.fokker_planck import FokkerPlanck, FokkerPlanckConfig
+    for gamma in (0.5, 0.8, 1.3):
+        eq = FokkerPlanck(FokkerPlanckConfig(dim=1, initial_mean=[1.0], sde=SDEConfig(
+            **{**CEV, "gamma": gamma})), DT, CPU)
+        base = super(FokkerPlanck, eq)
+        for got, want in zip(eq.diffusion_divergences(t, x), base.diffusion_divergences(t, x)):
+            torch.testing.assert_close(got, want)
+
+
+def test_bad_sde_values() -> None:
+    with pytest.raises(UserError, match="equation.sde.gamma=-0.5 must be > 0"):
+        _sde(**{**CEV, "gamma": -0.5})
+    with pytest.raises(UserError, match="equation.sde.level=0.0 must be > 0"):
+        _sde(**{**CIR, "level": 0.0})
+    # a replaced value is not checked against the config's
+    sde = build_sde_with(SDEConfig(**{**CIR, "noise": -1.0}), 1, {"noise": torch.tensor(0.3)}, DT, CPU)
+    assert float(sde.noise) == pytest.approx(0.3)
+
+
+# --- exact and Euler sampling ---------------------------------------------------------------
+def test_standard_gamma_matches_scipy_and_is_seeded() -> None:
+    for alpha in (0.3, 1.0, 7.5):
+        a = torch.full((20_000,), alpha, dtype=DT)
+        draws = standard_gamma(a, torch.Generator().manual_seed(1)).numpy()
+        assert scipy.stats.kstest(draws, scipy.stats.gamma(alpha).cdf).pvalue > 1e-3
+        again = standard_gamma(a, torch.Generator().manual_seed(1)).numpy()
+        np.testing.assert_array_equal(draws, again)
+
+
+def _rows(n: int, x0: float, dts: tuple[float, ...]) -> tuple[torch.Tensor, ...]:
+    dt = torch.tensor(dts, dtype=DT).repeat(n // len(dts))
+    return torch.full((dt.shape[0], 1), x0, dtype=DT), torch.zeros_like(dt), dt
+
+
+def test_ou_exact_sampling_has_the_exact_law_per_row() -> None:
+    """Mixed Δt in one call: each draw standardized by its own exact mean and std is N(0, 1)."""
+    sde = _sde(**OU1)
+    x0, t0, dt = _rows(60_000, 2.0, (0.05, 0.5, 3.0))
+    x1 = sde.sample_transition(x0, t0, dt, torch.Generator().manual_seed(2))[:, 0].numpy()
+    h = dt.numpy()
+    mean = 0.5 + 1.5 * np.exp(-h)
+    std = 0.3 * np.sqrt((1 - np.exp(-2 * h)) / 2)
+    z = (x1 - mean) / std
+    assert scipy.stats.kstest(z, "norm").pvalue > 1e-3
+    assert abs(z.mean()) < 0.02 and abs(z.var() - 1) < 0.025  # ≈ 4.5 and 4.3 standard errors
+    assert sde.has_exact_transition
+
+
+def test_cir_exact_sampling_is_the_noncentral_chi2() -> None:
+    for params in (CIR, dict(kind="cir", rate=1.0, level=0.75, noise=1.0)):  # df = 90 and 3
+        sde = _sde(**params)
+        k, m, s = params["rate"], params["level"], params["noise"]
+        x0, t0, dt = _rows(30_000, 0.4, (1 / 250, 1 / 12, 1.0))
+        x1 = sde.sample_transition(x0, t0, dt, torch.Generator().manual_seed(3))[:, 0].numpy()
+        h = dt.numpy()
+        c = 2 * k / (s ** 2 * (1 - np.exp(-k * h)))
+        u = scipy.stats.ncx2.cdf(2 * c * x1, 4 * k * m / s ** 2, 2 * c * 0.4 * np.exp(-k * h))
+        assert scipy.stats.kstest(u, "uniform").pvalue > 1e-3, params
+
+
+def test_gbm_exact_and_euler_kinds() -> None:
+    sde = _sde(kind="gbm", rate=0.3, noise=0.4)
+    x0, t0, dt = _rows(20_000, 1.5, (0.1, 1.0))
+    x1 = sde.sample_transition(x0, t0, dt, torch.Generator().manual_seed(4))[:, 0].numpy()
+    h = dt.numpy()
+    z = (np.log(x1 / 1.5) - (0.3 - 0.08) * h) / (0.4 * np.sqrt(h))
+    assert scipy.stats.kstest(z, "norm").pvalue > 1e-3
+    # CEV with γ = ½ is CIR: its Euler sub-steps must reproduce the exact χ² law
+    cev = _sde(kind="cev", rate=1.0, level=0.75, noise=1.0, gamma=0.5)
+    assert not cev.has_exact_transition
+    x0, t0, dt = _rows(20_000, 0.4, (0.5,))
+    x1 = cev.sample_transition(x0, t0, dt, torch.Generator().manual_seed(5), substep=2e-3)
+    c = 2 / (1 - np.exp(-0.5))
+    u = scipy.stats.ncx2.cdf(2 * c * x1[:, 0].numpy(), 3.0, 2 * c * 0.4 * np.exp(-0.5))
+    assert scipy.stats.kstest(u, "uniform").pvalue > 1e-3
+
+
+def test_euler_substeps_are_per_row_and_seeded() -> None:
+    """Rows with Δt = 0 stay put, the others move; the same seed gives the same draws."""
+    sde = _sde(kind="double_well", noise=0.5)
+    x0 = torch.tensor([[0.3], [0.3], [-0.2]], dtype=DT)
+    dt = torch.tensor([0.0, 0.25, 0.1], dtype=DT)
+    a = sde.sample_transition(x0, torch.zeros(3, dtype=DT), dt, torch.Generator().manual_seed(6), 0.01)
+    b = sde.sample_transition(x0, torch.zeros(3, dtype=DT), dt, torch.Generator().manual_seed(6), 0.01)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert a[0, 0] == 0.3 and a[1, 0] != 0.3
+    with pytest.raises(UserError, match="sub-step must be > 0"):
+        sde.sample_transition(x0, torch.zeros(3, dtype=DT), dt, None, 0.0)
+
+
+def test_custom_callables_from_a_file_or_the_current_folder(tmp_path, monkeypatch) -> None:
+    """`drift=./file.py:mu` and `drift=module:mu` with module.py in the current folder (which the
+    console script does not put on sys.path), as README documents."""
+    (tmp_path / "np_user_drift.py").write_text(
+        "import torch\n\ndef mu(t, x):\n    return 0.5 - 2.0 * x\n\n"
+        "def sigma(t, x):\n    return 0.3 * torch.eye(x.shape[1], dtype=x.dtype)\n")
+    (tmp_path / "np_broken.py").write_text("def mu(t, x)\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.path", [p for p in __import__("sys").path if p not in ("", str(tmp_path))])
+    x = torch.tensor([[0.1], [1.0]], dtype=DT)
+    t = torch.zeros(2, dtype=DT)
+    for drift in ("np_user_drift:mu", "./np_user_drift.py:mu", f"{tmp_path}/np_user_drift.py:mu"):
+        sde = _sde(kind="custom", drift=drift, diffusion=drift.replace(":mu", ":sigma"))
+        assert parameter_names(SDEConfig(kind="custom", drift=drift, diffusion="m:s"), 1) == []
+        torch.testing.assert_close(sde.drift(t, x), 0.5 - 2.0 * x)
+        torch.testing.assert_close(sde.diffusion_sqrt(t, x), torch.tensor([[0.3 / math.sqrt(2)]], dtype=DT))
+    with pytest.raises(UserError, match="no such file"):
+        _sde(kind="custom", drift="./nope.py:mu")
+    with pytest.raises(UserError, match="cannot import 'np_broken'.*SyntaxError"):
+        _sde(kind="custom", drift="np_broken:mu")
+    with pytest.raises(UserError, match="no callable 'nu'"):
+        _sde(kind="custom", drift="./np_user_drift.py:nu")
