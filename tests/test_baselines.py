@@ -222,3 +222,93 @@ def test_custom_callables_from_a_file_or_the_current_folder(tmp_path, monkeypatc
         _sde(kind="custom", drift="np_broken:mu")
     with pytest.raises(UserError, match="no callable 'nu'"):
         _sde(kind="custom", drift="./np_user_drift.py:nu")
+
+
+# --- exact transition densities (references/transitions.py) ---------------------------------
+def _quad(f, lo: float, hi: float) -> float:
+    return scipy.integrate.quad(f, lo, hi, limit=200, epsabs=1e-12, epsrel=1e-10)[0]
+
+
+def test_ou_density_integrates_to_one_and_matches_exact_sampling() -> None:
+    from neuralpde_cli.references.transitions import ou_log_density
+    sde = _sde(**OU1)
+    for x0, dt in ((2.0, 0.05), (-1.0, 0.5), (0.3, 3.0)):
+        p = lambda x: float(np.exp(ou_log_density(x0, x, dt, 1.0, 0.5, 0.3)))  # noqa: E731
+        mean = _quad(lambda x: x * p(x), -10, 10)
+        assert _quad(p, -10, 10) == pytest.approx(1.0, abs=1e-9)
+        # the CDF by integrating the density, at draws of the exact sampler: uniform
+        draws = sde.sample_transition(torch.full((4000, 1), x0, dtype=DT), torch.zeros(4000, dtype=DT),
+                                      torch.full((4000,), dt, dtype=DT),
+                                      torch.Generator().manual_seed(7))[:, 0].numpy()
+        grid = np.linspace(mean - 12 * draws.std(), mean + 12 * draws.std(), 20_001)
+        cdf = scipy.integrate.cumulative_trapezoid(np.exp(ou_log_density(x0, grid, dt, 1.0, 0.5, 0.3)),
+                                                   grid, initial=0.0)
+        assert scipy.stats.kstest(np.interp(draws, grid, cdf), "uniform").pvalue > 1e-3
+        assert abs(draws.mean() - mean) < 4 * draws.std() / math.sqrt(4000)
+
+
+def test_ou_density_2d_against_sampling() -> None:
+    """d-D (Van Loan by scipy): mass 1 on a grid; its mean and covariance by quadrature match
+    the exact sampler's (torch's matrix exponential, a separate code path) to sampling error."""
+    from neuralpde_cli.references.transitions import ou_log_density
+    cfg = SDEConfig()
+    theta, mean, sigma = np.array(cfg.theta), np.array(cfg.mean), np.array(cfg.sigma)
+    x0, dt = np.array([0.5, 1.0]), 0.7
+    g = np.linspace(-4, 5, 301)
+    xx, yy = np.meshgrid(g, g, indexing="ij")
+    pts = np.stack([xx.ravel(), yy.ravel()], 1)
+    p = np.exp(ou_log_density(np.tile(x0, (len(pts), 1)), pts, dt, theta, mean, sigma))
+    w = p * (g[1] - g[0]) ** 2
+    assert w.sum() == pytest.approx(1.0, abs=1e-8)
+    m = w @ pts
+    c = (pts - m).T @ ((pts - m) * w[:, None])
+    n = 40_000
+    draws = _sde(2).sample_transition(torch.tensor(x0).expand(n, 2), torch.zeros(n, dtype=DT),
+                                      torch.full((n,), dt, dtype=DT),
+                                      torch.Generator().manual_seed(8)).numpy()
+    np.testing.assert_allclose(draws.mean(0), m, atol=4 * np.sqrt(np.diag(c) / n).max())
+    np.testing.assert_allclose(np.cov(draws.T), c, atol=0.02 * np.abs(c).max())
+    # 1-D and d = 1 matrix forms agree
+    one = ou_log_density(np.array([[0.2]]), np.array([[0.9]]), 0.5, np.array([[1.0]]), [0.5], [[0.3]])
+    assert one[0] == pytest.approx(float(ou_log_density(0.2, 0.9, 0.5, 1.0, 0.5, 0.3)), rel=1e-12)
+
+
+@pytest.mark.parametrize("rate, level, noise, x0, dt", [
+    (3.0, 0.3, 0.2, 0.25, 1 / 250), (3.0, 0.3, 0.2, 0.4, 1 / 12),   # the issue's daily and monthly
+    (1.0, 0.75, 1.0, 0.4, 0.5),                                      # df = 3: skewed
+])
+def test_cir_density_has_the_known_conditional_moments(rate, level, noise, x0, dt) -> None:
+    from neuralpde_cli.references.transitions import cir_log_density
+    p = lambda x: float(np.exp(cir_log_density(x0, x, dt, rate, level, noise)))  # noqa: E731
+    decay = math.exp(-rate * dt)
+    mean = level + (x0 - level) * decay
+    var = x0 * noise ** 2 / rate * (decay - decay ** 2) + level * noise ** 2 / (2 * rate) * (1 - decay) ** 2
+    hi = mean + 40 * math.sqrt(var)
+    points = [mean - 3 * math.sqrt(var), mean, mean + 3 * math.sqrt(var)]
+    integrate = lambda f: sum(_quad(f, a, b) for a, b in zip([0.0, *points], [*points, hi]) if b > a)  # noqa: E731
+    assert integrate(p) == pytest.approx(1.0, abs=1e-8)
+    assert integrate(lambda x: x * p(x)) == pytest.approx(mean, rel=1e-8)
+    assert integrate(lambda x: (x - mean) ** 2 * p(x)) == pytest.approx(var, rel=1e-6)
+    assert cir_log_density(x0, -0.1, dt, rate, level, noise) == -np.inf
+    # from x0 = 0 the law is a scaled central χ²: still a density
+    assert integrate(lambda x: float(np.exp(cir_log_density(0.0, x, dt, rate, level, noise)))) == \
+        pytest.approx(1.0, abs=1e-6)
+
+
+def test_exact_mle_recovers_ou_with_the_asymptotic_standard_error() -> None:
+    """On exact OU data the MLE's SE of θ is the delta-method one of the AR(1) coefficient
+    φ = e^{−θΔ}: √((1 − φ²)/n)/(φΔ); the estimate lies within 4 of them of the truth."""
+    from neuralpde_cli.references.transitions import exact_mle
+    n, dt = 3000, 0.5
+    sde = _sde(kind="ou", theta=[[1.0]], mean=[0.0], sigma=[[0.5]])
+    x = torch.zeros(n + 1, 1, dtype=DT)
+    gen = torch.Generator().manual_seed(9)
+    for k in range(n):
+        x[k + 1] = sde.sample_transition(x[k:k + 1], torch.zeros(1, dtype=DT), torch.full((1,), dt, dtype=DT), gen)
+    x = x[:, 0].numpy()
+    fit = exact_mle("ou", x[:-1], x[1:], np.full(n, dt), {"theta": 0.5, "mean": 0.3, "sigma": 1.0})
+    phi = math.exp(-dt)
+    se_theta = math.sqrt((1 - phi ** 2) / n) / (phi * dt)
+    assert fit["se"]["theta"] == pytest.approx(se_theta, rel=0.1)
+    for name, truth in (("theta", 1.0), ("mean", 0.0), ("sigma", 0.5)):
+        assert abs(fit["estimates"][name] - truth) < 4 * fit["se"][name], (name, fit)
