@@ -97,11 +97,9 @@ class PDELikelihoodConfig:
     """How the transition density is computed (the ``calibrate.pde`` keys)."""
 
     #: start points marched in 1-D (spline in x₀); 0: march every distinct start point
-    grid: int = 24
+    grid: int = 16
     #: ε = start_fraction · (shortest Δ): the march starts from the Euler law at time ε
-    start_fraction: float = 1e-3
-    #: step times are chosen adaptively at this tolerance, then replayed (see module docstring)
-    rtol: float = 1e-6
+    start_fraction: float = 1e-2
 
 
 class TransitionDensity:
@@ -118,7 +116,7 @@ class TransitionDensity:
             raise UserError("every transition needs Δt > 0 (times must increase within a path)")
         self.make_sde, self.data, self.cfg = make_sde, transitions, cfg
         self.mixture = mixture
-        self.march_cfg = replace(march, rtol=cfg.rtol)
+        self.march_cfg = march
         self.marcher = TimeMarcher(self.march_cfg)
         tr = transitions
         self.eps = cfg.start_fraction * float(tr.dt.min())
@@ -214,12 +212,19 @@ class TransitionDensity:
         z = (x.unsqueeze(-1) - means[..., 0]) / sd
         return (torch.softmax(logits, -1) * torch.special.ndtr(z)).sum(-1)
 
-    def density_curve(self, values: dict[str, Tensor], x0: float, dt: float,
-                      x: Tensor) -> Tensor:
-        """p(x | x0) over Δ = dt on a grid x (G,) (1-D), for plots: one extra start point."""
-        probe = TransitionSet(torch.full((x.shape[0], 1), x0, dtype=x.dtype, device=x.device),
-                              x.reshape(-1, 1), torch.zeros_like(x), torch.full_like(x, dt))
+    def predictive_density(self, values: dict[str, Tensor], x0: np.ndarray, dt: float,
+                           x: np.ndarray) -> np.ndarray:
+        """The density of x₁ over Δ = dt averaged over the starts x0 (m,) (1-D), on a grid x
+        (G,): what a histogram of the x₁ of those starts should look like. One extra march."""
+        ref = self.data.x0
+        starts = torch.as_tensor(np.asarray(x0, float), dtype=ref.dtype, device=ref.device)
+        probe = TransitionSet(starts.reshape(-1, 1), starts.reshape(-1, 1),
+                              torch.zeros_like(starts), torch.full_like(starts, dt))
         other = TransitionDensity(self.make_sde, probe, self.mixture, self.march_cfg,
                                   replace(self.cfg, grid=0))
+        grid = torch.as_tensor(np.asarray(x, float), dtype=ref.dtype, device=ref.device)
         with torch.no_grad():
-            return torch.exp(other.log_density({k: v.detach() for k, v in values.items()}, False))
+            state = other.states({k: v.detach() for k, v in values.items()}, False)
+            p = torch.exp(self.layout.evaluate(state, grid.reshape(1, -1, 1).expand(
+                state.shape[0], -1, 1)).log_p)
+        return p.mean(0).cpu().numpy()
