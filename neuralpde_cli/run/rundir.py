@@ -1,25 +1,29 @@
 """The run directory: the stable interface between a run and everything after it.
 
 Layout (documented in README): ``metrics.csv``, ``checkpoints/{last,best}.pt``, ``plots/``,
-``solution.npz``, ``summary.json``, Hydra's ``.hydra/`` and the log.
+``solution.npz``, ``summary.json``, Hydra's ``.hydra/``, the log, and ``.neuralpde.lock``
+(held by the process writing the directory, see :class:`RunLock`).
 """
 
 from __future__ import annotations
 
 import csv
 import errno
+import fcntl
 import io
 import json
 import math
 import os
+import socket
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from neuralpde_cli.errors import UserError
-from neuralpde_cli.training.checkpoint import atomic_write, stale_temp_files
+from neuralpde_cli.run.atomic import atomic_write, stale_temp_files
 
 
 def check_writable(path: Path, what: str = "the run directory") -> None:
@@ -38,6 +42,84 @@ def check_writable(path: Path, what: str = "the run directory") -> None:
             os.fsync(handle.fileno())
     except OSError as exc:
         raise UserError(f"cannot write to {what} {target}: {exc.strerror or exc}") from None
+
+
+LOCK_NAME = ".neuralpde.lock"
+
+
+class RunLock:
+    """One writer per run directory, for the life of the process that holds it.
+
+    An ``fcntl.flock`` on ``DIR/.neuralpde.lock``: the kernel drops it when the process ends in
+    any way (``kill -9`` included), so a crash cannot leave it stuck. While held, the file
+    names its holder; a clean release empties it, so a non-empty file found with the lock free
+    means its writer died, and the new holder says so (:attr:`stale`). On file systems without
+    working ``flock`` (some network mounts) two hosts are not kept apart.
+    """
+
+    def __init__(self, folder: Path, fd: int, stale: str | None) -> None:
+        self.folder, self._fd, self.stale = folder, fd, stale
+
+    @classmethod
+    def acquire(cls, folder: Path, what: str) -> RunLock:
+        """Take ``folder`` (which exists), or a UserError naming the process that holds it."""
+        path = Path(folder) / LOCK_NAME
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise UserError(f"cannot write to the run directory {folder}: "
+                            f"{exc.strerror or exc}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as exc:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                raise UserError(f"cannot lock the run directory {folder}: "
+                                f"{exc.strerror or exc}") from None
+            raise UserError(f"{what}: {folder} is in use by another neuralpde run ({holder}); "
+                            "wait for it to end or choose another directory") from None
+        previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
+        return cls(Path(folder), fd, previous or None)
+
+    @classmethod
+    def claim(cls, folder: Path, unique: bool, what: str) -> RunLock:
+        """Create and take ``folder``; with ``unique``, a folder that already exists is not
+        shared but skipped for ``folder-1``, ``folder-2``, ... (the first that this process
+        creates itself: two processes never get the same one)."""
+        folder = Path(folder)
+        try:
+            if not unique:
+                folder.mkdir(parents=True, exist_ok=True)
+                return cls.acquire(folder, what)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            for k in range(10_000):
+                candidate = folder if k == 0 else folder.with_name(f"{folder.name}-{k}")
+                try:
+                    candidate.mkdir()
+                except FileExistsError:
+                    continue
+                return cls.acquire(candidate, what)
+        except OSError as exc:
+            raise UserError(f"cannot write to the run directory {folder}: "
+                            f"{exc.strerror or exc}") from None
+        raise UserError(f"{what}: {folder} and 10000 numbered variants already exist")
+
+    def release(self) -> None:
+        """Empty the file (a clean end) and let go; the file stays for the next holder."""
+        if self._fd < 0:
+            return
+        try:
+            os.ftruncate(self._fd, 0)
+        except OSError:
+            pass
+        finally:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = -1
 
 
 class RunDir:

@@ -13,6 +13,7 @@ the way every failure ends: one line ``neuralpde: error: ...`` on stderr, exit 2
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import logging
@@ -25,14 +26,17 @@ from typing import Any, Callable, Iterator
 
 import hydra
 import yaml
+from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
+from neuralpde_cli.config_errors import coerce_overrides, run_composing
 from neuralpde_cli.errors import UserError
 from neuralpde_cli.registry import GROUPS, option
-from neuralpde_cli.run.rundir import RunDir, check_writable
+from neuralpde_cli.run.atomic import atomic_write
+from neuralpde_cli.run.rundir import LOCK_NAME, RunDir, RunLock, check_writable
 from neuralpde_cli.training.checkpoint import describe
 from neuralpde_cli.training.trainer import Diverged, Interrupted
 
@@ -67,6 +71,13 @@ def resume_arg(args: list[str]) -> str | None:
     return value if value not in ("", "null") else None
 
 
+#: overrides that ``resume=`` accepts: they change how a run is shown, logged, checkpointed
+#: or where it computes, never what it computes (``device=X`` stands for ``device.name=X``)
+RESUME_SAFE = ("trainer.progress", "trainer.log_every", "trainer.checkpoint_every", "device.name")
+#: Hydra keys that would move a resumed run out of its directory
+_RESUME_FIXED = ("hydra.run.dir", "hydra.sweep.dir", "hydra.output_subdir")
+
+
 @dataclass(frozen=True)
 class Task:
     """One subcommand: its config name, body and checks (see ``make_main``)."""
@@ -78,25 +89,43 @@ class Task:
     schema: type | None = None
     pre_compose: Callable[[list[str]], list[str]] | None = None
     register: Callable[[], None] | None = None
+    resume_safe: tuple[str, ...] = RESUME_SAFE
 
     # --- before Hydra -------------------------------------------------------------------
     def main(self) -> None:
-        """The entry point ``cli.py`` calls with ``sys.argv = [prog, *overrides]``."""
-        args = sys.argv[1:]
-        no_run = any(a.split("=", 1)[0] in NO_RUN_FLAGS for a in args)
-        extra: list[str] = []
-        if not no_run:
-            self.check_paths(args)
-        if self.pre_compose is not None:
-            extra = self.pre_compose(args)
-        sys.argv = [sys.argv[0], *args, *extra, *self.resume_overrides(args)]
+        """The entry point ``cli.py`` calls with ``sys.argv = [prog, *overrides]``.
+
+        Everything that can reject the command runs here, before Hydra creates a folder or
+        writes a file: the config is composed and checked (``validate`` included), then the
+        run directory is created and locked, and only then does Hydra run the task in it.
+        """
+        args = coerce_overrides(sys.argv[1:], self.schema)
+        extra = self.pre_compose(args) if self.pre_compose is not None else []
         if self.register is not None:
             self.register()
-        hydra.main(version_base="1.3", config_path=config_dir(), config_name=self.name)(self.task)()
+        if any(a.split("=", 1)[0] in NO_RUN_FLAGS for a in args):
+            self._hydra([*args, *extra], _Job(self))
+            return
+        self.check_paths(args)
+        multirun = any(a in ("-m", "--multirun") for a in args)
+        job = self._prepare_multirun(args, extra) if multirun else \
+            self._prepare_resume(args) if resume_arg(args) is not None else \
+            self._prepare_run(args, extra)
+        try:
+            self._hydra(job.argv, job)
+        finally:
+            if job.lock is not None:
+                job.lock.release()
+
+    def _hydra(self, argv: list[str], job: _Job) -> None:
+        """Hydra's main on ``argv``; its composition errors become one UserError line."""
+        sys.argv = [sys.argv[0], *argv]
+        run_composing(hydra.main(version_base="1.3", config_path=config_dir(),
+                                 config_name=self.name)(job.task), argv, config_dir(), self.schema)
 
     def check_paths(self, args: list[str]) -> None:
-        """Before Hydra writes anything: a resume directory must exist, and the output directory
-        (or the folder it would be made in) must be writable with room to spare."""
+        """A resume directory must exist, and the output directory (or the folder it would be
+        made in) must be writable with room to spare."""
         values = overrides(args)
         resume = resume_arg(args)
         if resume is not None and not Path(resume).expanduser().is_dir():
@@ -107,43 +136,207 @@ class Task:
             values.get("hydra.sweep.dir" if multirun else "hydra.run.dir", "outputs")
         check_writable(Path(out.split("${")[0] or ".").expanduser(), "the output directory")
 
-    @staticmethod
-    def resume_overrides(args: list[str]) -> list[str]:
-        """``resume=DIR`` runs inside DIR; Hydra's own record of this call goes to
-        DIR/.hydra_resume/ so the original ``.hydra/config.yaml`` is never overwritten."""
-        resume = resume_arg(args)
-        if resume is None:
-            return []
-        return [f"hydra.run.dir={Path(resume).expanduser()}", "hydra.output_subdir=.hydra_resume"]
+    def compose(self, args: list[str]) -> DictConfig | None:
+        """The config Hydra will compose for ``args`` (its ``hydra`` node included), or None
+        when composition fails: then Hydra itself reports why, before writing anything."""
+        try:
+            with initialize_config_dir(version_base="1.3", config_dir=config_dir(),
+                                       job_name=self.name):
+                return compose(config_name=self.name, overrides=args, return_hydra_config=True)
+        except Exception:  # noqa: BLE001 - Hydra's own run reports it in its own words
+            return None
 
-    # --- the Hydra task -----------------------------------------------------------------
-    def task(self, cfg: DictConfig) -> float | None:
-        """Returns the first headline metric (for sweepers); maps failures to exit codes."""
+    def _prepare_run(self, args: list[str], extra: list[str]) -> _Job:
+        """Check the composed config, then create and lock its run directory."""
+        composed = self.compose([*args, *extra])
+        if composed is None:
+            return _Job(self, argv=[*args, *extra])
+        run_dir = Path(str(composed.hydra.run.dir)).expanduser()
+        cfg = _without_hydra(composed)
+        self.check(cfg)
+        explicit = "hydra.run.dir" in overrides(args)
+        lock = RunLock.claim(run_dir, unique=not explicit,
+                             what=f"hydra.run.dir={run_dir}" if explicit else "the run directory")
+        out = lock.folder
+        argv = [*args, *extra] + ([] if explicit else [f"hydra.run.dir={out}"])
+        return _Job(self, argv=argv, cfg=cfg, out=out, lock=lock)
+
+    def _prepare_multirun(self, args: list[str], extra: list[str]) -> _Job:
+        """Lock the sweep directory (each job checks its own config and records a failure in
+        its own folder, as a sweep should go on)."""
+        if resume_arg(args) is not None:
+            raise UserError("resume= continues one run; it cannot be combined with -m")
+        plain = [a for a in args if a.lstrip("+").startswith(("hydra.", "experiment="))
+                 and "," not in a]
+        composed = self.compose(plain)
+        if composed is None:
+            return _Job(self, argv=[*args, *extra])
+        sweep_dir = Path(str(composed.hydra.sweep.dir)).expanduser()
+        explicit = "hydra.sweep.dir" in overrides(args)
+        lock = RunLock.claim(sweep_dir, unique=not explicit,
+                             what=f"hydra.sweep.dir={sweep_dir}" if explicit else "the sweep directory")
+        argv = [*args, *extra] + ([] if explicit else [f"hydra.sweep.dir={lock.folder}"])
+        return _Job(self, argv=argv, lock=lock)
+
+    def _prepare_resume(self, args: list[str]) -> _Job:
+        """The saved config with the overrides ``resume_safe`` allows applied; anything else
+        refused by name. Checked like a new run, then the directory is locked (a run still
+        writing it makes this one refuse). Nothing in DIR changes before all of that passed."""
+        run_dir = Path(resume_arg(args) or "").expanduser()
+        cfg = self.resumed_config(str(run_dir))
+        changes, passthrough = self.resume_changes(cfg, args)
+        self.check(cfg)
+        lock = RunLock.acquire(run_dir, what=f"resume={run_dir}")
+        if changes:
+            saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
+            for key, value in changes.items():
+                OmegaConf.update(saved, key, value, merge=False)
+            text = OmegaConf.to_yaml(saved)
+            atomic_write(run_dir / ".hydra" / "config.yaml", lambda h: h.write(text.encode()))
+        argv = [f"resume={run_dir}", *passthrough, f"hydra.run.dir={run_dir}",
+                "hydra.output_subdir=.hydra_resume"]
+        applied = [f"{k}={v}" for k, v in changes.items()]
+        return _Job(self, argv=argv, cfg=cfg, out=run_dir, lock=lock, applied=applied)
+
+    def resume_changes(self, cfg: DictConfig, args: list[str]) -> tuple[dict[str, Any], list[str]]:
+        """Apply the command line's overrides to the resumed ``cfg``: those that repeat a saved
+        value change nothing, those in ``resume_safe`` are applied; any other one is refused.
+        Returns the changed keys with their new values, and Hydra's own overrides to pass on."""
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        given = [a for a in args if not a.startswith("-") and a.split("=", 1)[0] != "resume"]
+        try:
+            parsed = OverridesParser.create().parse_overrides(given)
+        except Exception as exc:  # noqa: BLE001 - the grammar's message names the override
+            raise UserError(f"cannot parse the overrides {given}: {describe(exc)}") from None
+        changes: dict[str, Any] = {}
+        passthrough, refused = [], []
+        for item in parsed:
+            key = item.key_or_group
+            if key.startswith("hydra.") or key == "hydra":
+                (refused if key in _RESUME_FIXED else passthrough).append(item.input_line)
+                continue
+            if item.is_sweep_override() or item.is_delete():
+                refused.append(item.input_line)
+                continue
+            value = item.value()
+            target = f"{key}.name" if key in GROUPS or key == "device" else key
+            current = OmegaConf.select(cfg, target, default=_MISSING)
+            if current is not _MISSING and _same(current, value):
+                continue
+            if target not in self.resume_safe:
+                refused.append(item.input_line)
+                continue
+            try:
+                OmegaConf.update(cfg, target, value, merge=False)
+            except OmegaConfBaseException as exc:
+                raise UserError(f"{item.input_line}: {describe(exc)}") from None
+            changes[target] = value
+        if refused:
+            hint = f"; to go on from its result with other settings, start a new run with " \
+                f"init.from_run={cfg.resume}" if OmegaConf.select(cfg, "init.from_run",
+                                                                  default=_MISSING) is not _MISSING \
+                else ""
+            raise UserError(f"resume={cfg.resume} continues the run with its saved config; "
+                            f"refused: {' '.join(refused)} (resume accepts only "
+                            f"{', '.join(self.resume_safe)}, device=NAME and values equal to the "
+                            f"saved ones{hint})")
+        return changes, passthrough
+
+    def check(self, cfg: DictConfig) -> None:
+        """Every start-up check: the generic ones, then the subcommand's own."""
+        check_config(cfg)
+        if self.validate is not None:
+            self.validate(cfg)
+
+    def resumed_config(self, resume: str) -> DictConfig:
+        """The config of the run being resumed, read from its own ``.hydra/config.yaml``."""
+        run_dir = Path(resume)
+        saved = run_dir / ".hydra" / "config.yaml"
+        if not saved.is_file():
+            raise UserError(f"resume={resume}: {saved} not found; resume takes a run "
+                            f"directory written by neuralpde {self.name} (outputs/DATE/TIME)")
+        try:
+            saved_cfg = OmegaConf.load(saved)
+            # groups typed Any in the schema get their option's schema
+            typed = {g: OmegaConf.structured(option(g, saved_cfg[g].name).config_class)
+                     for g in GROUPS if isinstance(saved_cfg.get(g), DictConfig)
+                     and "name" in saved_cfg[g]}
+            base = [OmegaConf.structured(self.schema)] if self.schema is not None else []
+            old = OmegaConf.merge(*base, typed, saved_cfg)
+        except (OmegaConfBaseException, yaml.YAMLError) as exc:
+            raise UserError(f"resume={resume}: {saved} does not fit this version's config "
+                            f"({describe(exc)})") from None
+        old.resume = str(run_dir)
+        return old
+
+
+_MISSING = object()
+
+
+def _same(current: Any, value: Any) -> bool:
+    plain = OmegaConf.to_container(current) if isinstance(current, (DictConfig, ListConfig)) \
+        else current
+    return plain == value and type(plain) is type(value) or \
+        (isinstance(plain, float) and isinstance(value, int) and plain == value)
+
+
+def _without_hydra(composed: DictConfig) -> DictConfig:
+    """The task's config: Hydra's composition less its ``hydra`` node (as Hydra hands it)."""
+    cfg = copy.deepcopy(composed)
+    with read_write(cfg), open_dict(cfg):
+        del cfg["hydra"]
+    return cfg
+
+
+@dataclass
+class _Job:
+    """One invocation: what Hydra gets, and what ``Task.main`` prepared for the task (the
+    checked config, the locked run directory) when it could."""
+
+    spec: Task
+    argv: list[str] = dataclasses.field(default_factory=list)
+    cfg: DictConfig | None = None
+    out: Path | None = None
+    lock: RunLock | None = None
+    applied: list[str] = dataclasses.field(default_factory=list)
+
+    def task(self, hydra_cfg: DictConfig) -> float | None:
+        """The Hydra task: returns the first headline metric (for sweepers) and maps failures
+        to exit codes."""
+        spec = self.spec
         hc = HydraConfig.get()
         multirun = hc.mode == RunMode.MULTIRUN
-        out = Path(hc.runtime.output_dir)
+        cfg = self.cfg if self.cfg is not None else hydra_cfg
+        out = self.out if self.out is not None else Path(hc.runtime.output_dir)
         run: RunDir | None = None
         previous_sigterm = _sigterm_raises()
+        if self.lock is not None and self.lock.stale and not multirun:
+            log.warning("took over %s: its last writer (%s) ended without releasing it "
+                        "(killed or crashed)", self.lock.folder / LOCK_NAME, self.lock.stale)
+        if self.applied:
+            log.info("resumed with %s", " ".join(self.applied))
         try:
-            if cfg.get("resume"):
-                if multirun:
+            if self.cfg is None:  # a sweep's job (or a config Hydra is about to reject)
+                if cfg.get("resume"):
                     raise UserError("resume= continues one run; it cannot be combined with -m")
-                cfg = self.resumed_config(cfg)
-                out = Path(cfg.resume)
-            self.check(cfg)
+                spec.check(cfg)
             run = RunDir(out)
-            summary = self.body(cfg, run)
+            summary = spec.body(cfg, run)
+            if self.applied:
+                summary["resume_overrides"] = self.applied
+                run.write_summary(summary)
             metrics = summary.get("metrics", {})
             print(f"done: {out}  " + "  ".join(f"{k}={v:.3e}" for k, v in metrics.items()
-                                                 if k in self.headline and isinstance(v, float)))
-            return metrics.get(self.headline[0]) if self.headline else None
+                                                 if k in spec.headline and isinstance(v, float)))
+            return metrics.get(spec.headline[0]) if spec.headline else None
         except (Interrupted, KeyboardInterrupt) as exc:
             signum = getattr(exc, "signum", signal.SIGINT)
             message = str(exc) or f"interrupted by {signal.Signals(signum).name}"
             mark(run, "interrupted", message)
             if run is not None and (run.checkpoints / "last.pt").is_file():
                 saved = "; checkpoint written" if getattr(exc, "step", None) is not None else ""
-                print(f"neuralpde: {message}{saved}. Resume with: neuralpde {self.name} "
+                print(f"neuralpde: {message}{saved}. Resume with: neuralpde {spec.name} "
                       f"resume={out}", file=sys.stderr)
             else:
                 print(f"neuralpde: {message} before the first checkpoint; run the same command "
@@ -162,48 +355,24 @@ class Task:
             if previous_sigterm is not None:
                 signal.signal(signal.SIGTERM, previous_sigterm)
 
-    def check(self, cfg: DictConfig) -> None:
-        """Every start-up check: the generic ones, then the subcommand's own."""
-        check_config(cfg)
-        if self.validate is not None:
-            self.validate(cfg)
-
-    def resumed_config(self, cfg: DictConfig) -> DictConfig:
-        """The config of the run being resumed, read from its own ``.hydra/config.yaml``."""
-        run_dir = Path(cfg.resume)
-        saved = run_dir / ".hydra" / "config.yaml"
-        if not saved.is_file():
-            raise UserError(f"resume={cfg.resume}: {saved} not found; resume takes a run "
-                            f"directory written by neuralpde {self.name} (outputs/DATE/TIME)")
-        try:
-            saved_cfg = OmegaConf.load(saved)
-            # groups typed Any in the schema get their option's schema
-            typed = {g: OmegaConf.structured(option(g, saved_cfg[g].name).config_class)
-                     for g in GROUPS if isinstance(saved_cfg.get(g), DictConfig)
-                     and "name" in saved_cfg[g]}
-            base = [OmegaConf.structured(self.schema)] if self.schema is not None else []
-            old = OmegaConf.merge(*base, typed, saved_cfg)
-        except (OmegaConfBaseException, yaml.YAMLError) as exc:
-            raise UserError(f"resume={cfg.resume}: {saved} does not fit this version's config "
-                            f"({describe(exc)})") from None
-        old.resume = str(run_dir)
-        return old
-
 
 def make_main(name: str, body: Body, validate: Validate | None = None,
               headline: tuple[str, ...] = (), *, schema: type | None = None,
               pre_compose: Callable[[list[str]], list[str]] | None = None,
-              register: Callable[[], None] | None = None) -> Callable[[], None]:
+              register: Callable[[], None] | None = None,
+              resume_safe: tuple[str, ...] = RESUME_SAFE) -> Callable[[], None]:
     """The ``main`` of a subcommand that composes ``configs/<name>.yaml`` and runs ``body``.
 
-    ``validate`` adds the subcommand's start-up checks to the generic ones; ``headline`` names
-    the summary metrics the final line prints (the first is returned to sweepers); ``schema``
-    is the root structured config (resume merges the saved config onto it); ``pre_compose``
-    sees the raw command line (``--help`` included) before Hydra composes and returns extra
-    overrides to add;
-    ``register`` stores the structured configs in Hydra's ConfigStore.
+    ``validate`` adds the subcommand's start-up checks to the generic ones (all of them run
+    before anything is written); ``headline`` names the summary metrics the final line prints
+    (the first is returned to sweepers); ``schema`` is the root structured config (resume
+    merges the saved config onto it); ``pre_compose`` sees the raw command line (``--help``
+    included) before Hydra composes and returns extra overrides to add; ``register`` stores
+    the structured configs in Hydra's ConfigStore; ``resume_safe`` lists the keys that
+    ``resume=DIR`` lets a user change.
     """
-    return Task(name, body, validate, tuple(headline), schema, pre_compose, register).main
+    return Task(name, body, validate, tuple(headline), schema, pre_compose, register,
+                tuple(resume_safe)).main
 
 
 # --- checks every config gets ----------------------------------------------------------------

@@ -97,21 +97,12 @@ def solve_chain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
 
     Each level is a complete run directory ``level_<k>/``; the chain's summary lists them.
     """
-    levels, finest = int(cfg.multigrid.levels), int(cfg.ansatz.get("resolution", 0))
-    step = 2 ** (levels - 1)
-    if finest < 3 or (finest - 1) % step or (finest - 1) // step < 2:
-        allowed = [(2 ** k) * step + 1 for k in range(1, 6)]
-        raise UserError(f"multigrid.levels={levels} needs ansatz.resolution = m·{step} + 1 with "
-                        f"m ≥ 2 (the resolution of the finest level), e.g. {allowed}; got "
-                        f"{finest}")
     start = time.perf_counter()
     device = resolve_device(cfg.device.name)
     summary = _summary_header(cfg, device, "running")
     run.write_summary(summary)
     chain, warm = [], None
-    for k in range(levels):
-        level_cfg = OmegaConf.merge(cfg, {"multigrid": {"levels": 1},
-                                          "ansatz": {"resolution": (finest - 1) // 2 ** (levels - 1 - k) + 1}})
+    for k, level_cfg in enumerate(chain_levels(cfg)):
         level_run = RunDir(run.path / f"level_{k}")
         level = solve(level_cfg, level_run, warm)
         warm = torch.from_numpy(np.load(level_run.solution_npz)["T"])
@@ -123,6 +114,21 @@ def solve_chain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     summary["plots"] = [str(p.relative_to(run.path)) for p in plots.make_chain_plots(run.path)]
     run.write_summary(summary)
     return summary
+
+
+def chain_levels(cfg: DictConfig) -> list[DictConfig]:
+    """The config of each level of a multigrid chain, coarsest first (a UserError unless the
+    finest resolution halves ``levels − 1`` times to a grid of at least 3 nodes)."""
+    levels, finest = int(cfg.multigrid.levels), int(cfg.ansatz.get("resolution", 0))
+    step = 2 ** (levels - 1)
+    if finest < 3 or (finest - 1) % step or (finest - 1) // step < 2:
+        allowed = [(2 ** k) * step + 1 for k in range(1, 6)]
+        raise UserError(f"multigrid.levels={levels} needs ansatz.resolution = m·{step} + 1 with "
+                        f"m ≥ 2 (the resolution of the finest level), e.g. {allowed}; got "
+                        f"{finest}")
+    return [OmegaConf.merge(cfg, {"multigrid": {"levels": 1},
+                                  "ansatz": {"resolution": (finest - 1) // 2 ** (levels - 1 - k) + 1}})
+            for k in range(levels)]
 
 
 def _summary_header(cfg: DictConfig, device: torch.device, status: str) -> dict[str, Any]:
@@ -137,8 +143,10 @@ def _summary_header(cfg: DictConfig, device: torch.device, status: str) -> dict[
 
 
 def validate(cfg: DictConfig) -> None:
-    """Start-up checks no option's own code makes (the generic ones are in tasks/common.py):
-    evaluation times inside the time interval, the chain's levels, the trainer's ranges."""
+    """Every check a run would fail later, made before anything is written (the generic ones
+    are in tasks/common.py): evaluation times inside the time interval, the chain's levels,
+    the trainer's ranges, then the objects themselves (each option checks its own config),
+    the resolution the solver needs, and the run a warm start or a resume reads."""
     if cfg.multigrid.levels < 1:
         raise UserError(f"multigrid.levels={cfg.multigrid.levels} must be ≥ 1 (1: a single level)")
     times, t_final = cfg.equation.get("eval_times"), cfg.equation.get("t_final")
@@ -147,6 +155,19 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"equation.eval_times={list(times)} must lie in [0, equation.t_final="
                         f"{t_final}]")
     OmegaConf.to_object(cfg.trainer).validate()
+    device, dtype = resolve_device(cfg.device.name), resolve_precision(cfg.precision)
+    for level_cfg in chain_levels(cfg) if cfg.multigrid.levels > 1 else [cfg]:
+        equation, ansatz, solver = build(level_cfg, device, dtype)
+        if hasattr(solver, "check_resolution") and hasattr(ansatz, "resolution"):
+            solver.check_resolution(int(ansatz.resolution))
+    if cfg.init.from_run:
+        source = Path(cfg.init.from_run)
+        if not source.is_dir():
+            raise UserError(f"init.from_run={source}: no such run directory")
+        if not (hasattr(ansatz, "warm_start_from") and (source / "solution.npz").is_file()):
+            load_checkpoint(source / "checkpoints" / "last.pt")
+    if cfg.get("resume") and cfg.multigrid.levels == 1:
+        load_checkpoint(Path(cfg.resume) / "checkpoints" / "last.pt")
 
 
 def check_choices(args: list[str]) -> None:

@@ -2,56 +2,18 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from neuralpde_cli.errors import UserError
+# atomic file writing lives in run/; re-exported here for the code that imports it from here
+from neuralpde_cli.run.atomic import atomic_write, stale_temp_files  # noqa: F401
 
 #: keys every training checkpoint holds; a file without them is not ours.
 REQUIRED_KEYS = ("format", "model", "optimizer", "scheduler", "step", "phase_index", "rng")
 FORMAT = "neuralpde-checkpoint-1"
-
-
-def atomic_write(path: Path, write: Any) -> None:
-    """Write through a temporary file in the same folder, fsync it, then rename over ``path``.
-
-    A crash (even ``kill -9``) at any moment leaves either the old file or the new one.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make the rename itself durable (a power cut, not only a killed process)."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # some file systems cannot fsync a directory
-        pass
-    finally:
-        os.close(fd)
-
-
-def stale_temp_files(folder: Path) -> list[Path]:
-    """Partial writes that a killed process left behind (``.NAME.XXXX.tmp``)."""
-    return sorted(folder.glob(".*.tmp")) if folder.is_dir() else []
 
 
 def describe(exc: BaseException) -> str:
