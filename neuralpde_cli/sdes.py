@@ -593,13 +593,19 @@ def _cholesky_factor(sigma: Tensor) -> Tensor:
 
 
 def _config_tensors(cfg: SDEConfig, dim: int, keys: tuple[str, ...], dtype: torch.dtype,
-                    device: torch.device, as_factor: bool) -> dict[str, Tensor]:
+                    device: torch.device, as_factor: bool,
+                    given: frozenset[str] = frozenset()) -> dict[str, Tensor]:
     """The kind's parameters from the config as tensors, shapes checked; σ as its Cholesky
-    factor when ``as_factor`` (the form calibration names the entries of)."""
+    factor when ``as_factor`` (the form calibration names the entries of). Keys in ``given``
+    (every entry supplied by the caller) are zeros of the right shape: the config's value,
+    perhaps of another dimension, is not read."""
     out = {}
     for key in keys:
         value = getattr(cfg, key)
-        if key in _MATRICES:
+        if key in given:
+            shape = (dim, dim) if key in _MATRICES else (dim,) if key in _VECTORS else ()
+            out[key] = torch.zeros(shape, dtype=dtype, device=device)
+        elif key in _MATRICES:
             out[key] = _matrix(value, dim, key, dtype, device)
             if key == "sigma" and as_factor:
                 out[key] = _cholesky_factor(out[key])
@@ -643,7 +649,10 @@ def build_sde_with(cfg: SDEConfig, dim: int, values: Mapping[str, Tensor | float
     _check_config_values(cfg, replaced)
     keys = _keys(cfg.kind, has_sigma=not cfg.diffusion)
     callables = _custom_callables(cfg) if cfg.kind == "custom" else None  # before σ's shape
-    tensors = _config_tensors(cfg, dim, keys, dtype, device, as_factor="sigma" in replaced)
+    given = frozenset(key for key in replaced
+                      if all(n in values for n, (k, _) in names.items() if k == key))
+    tensors = _config_tensors(cfg, dim, keys, dtype, device, as_factor="sigma" in replaced,
+                              given=given)
     cloned: set[str] = set()
     for name, value in values.items():
         key, index = names[name]

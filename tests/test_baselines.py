@@ -312,3 +312,114 @@ def test_exact_mle_recovers_ou_with_the_asymptotic_standard_error() -> None:
     assert fit["se"]["theta"] == pytest.approx(se_theta, rel=0.1)
     for name, truth in (("theta", 1.0), ("mean", 0.0), ("sigma", 0.5)):
         assert abs(fit["estimates"][name] - truth) < 4 * fit["se"][name], (name, fit)
+
+
+# --- Gaussian approximations (likelihood/gaussian.py) ---------------------------------------
+def _log_density_errors(approx, sde, x0: np.ndarray, dt: float, exact) -> float:
+    """Worst |log p̃ − log p| at x1 = exact mean ± 0, 1, 2 exact std (per start point)."""
+    n, d = x0.shape
+    z = np.array([-2.0, -1.0, 0.0, 1.0, 2.0])
+    x0r = np.repeat(x0, len(z), axis=0)
+    x1 = x0r + 0.0
+    x1[:, 0] = exact["mean"](x0r[:, 0], dt) + z[np.tile(np.arange(len(z)), n)] * np.sqrt(exact["var"](x0r[:, 0], dt))
+    t = lambda a: torch.tensor(a, dtype=DT)  # noqa: E731
+    got = approx(sde, t(x0r), t(x1), t(np.zeros(len(x1))), t(np.full(len(x1), dt))).detach().numpy()
+    return float(np.abs(got - exact["log_density"](x0r, x1, dt)).max())
+
+
+def _ou1_exact():
+    from neuralpde_cli.references.transitions import ou_log_density
+    return {"mean": lambda x, h: 0.5 + (x - 0.5) * np.exp(-h),
+            "var": lambda x, h: 0.09 * (1 - np.exp(-2 * h)) / 2,
+            "log_density": lambda x0, x1, h: ou_log_density(x0[:, 0], x1[:, 0], h, 1.0, 0.5, 0.3)}
+
+
+def test_euler_and_kessler_are_exact_as_dt_goes_to_zero_on_ou() -> None:
+    """Log-density error of order Δ (Euler: the variance is first order) and Δ² (Kessler)."""
+    from neuralpde_cli.likelihood.gaussian import euler_log_density, kessler_log_density
+    sde, exact, x0 = _sde(**OU1), _ou1_exact(), np.array([[-0.5], [0.5], [2.0]])
+    for approx, order in ((euler_log_density, 1), (kessler_log_density, 2)):
+        errors = [_log_density_errors(approx, sde, x0, h, exact) for h in (0.01, 0.005, 0.0025)]
+        rates = [math.log2(errors[i] / errors[i + 1]) for i in range(2)]
+        assert all(abs(r - order) < 0.15 for r in rates), (approx.__name__, errors, rates)
+        assert errors[-1] < (5e-3 if order == 1 else 3e-4)
+
+
+@pytest.mark.parametrize("params, mean, var", [
+    (OU1, lambda x, h: 0.5 + (x - 0.5) * math.exp(-h), lambda x, h: 0.09 * (1 - math.exp(-2 * h)) / 2),
+    (CIR, lambda x, h: 0.3 + (x - 0.3) * math.exp(-3 * h),   # the brief's CIR formulas (v′ ≠ 0)
+     lambda x, h: x * 0.04 / 3 * (math.exp(-3 * h) - math.exp(-6 * h)) + 0.3 * 0.04 / 6 * (1 - math.exp(-3 * h)) ** 2),
+    (dict(kind="gbm", rate=0.4, noise=0.5), lambda x, h: x * math.exp(0.4 * h),   # v″ ≠ 0
+     lambda x, h: x * x * math.exp(0.8 * h) * (math.exp(0.25 * h) - 1)),
+])
+def test_kessler_moments_are_exact_to_third_order(params, mean, var) -> None:
+    from neuralpde_cli.likelihood.gaussian import kessler_moments
+    sde, x = _sde(**params), 0.8
+    errors = []
+    for h in (0.08, 0.04, 0.02):
+        m, v = (a.detach() for a in kessler_moments(sde, torch.tensor([[x]], dtype=DT), torch.zeros(1, dtype=DT),
+                               torch.tensor([h], dtype=DT)))
+        errors.append((abs(m.item() - mean(x, h)), abs(v.item() - var(x, h))))
+    for k in range(2):  # each error shrinks 8-fold when Δ halves
+        ratios = [errors[0][k] / errors[1][k], errors[1][k] / errors[2][k]]
+        assert all(6.5 < r < 9.5 for r in ratios), (params, k, errors)
+
+
+def test_euler_2d_tends_to_the_exact_ou_density() -> None:
+    from neuralpde_cli.likelihood.gaussian import euler_log_density
+    from neuralpde_cli.references.transitions import ou_log_density
+    cfg, sde = SDEConfig(), _sde(2)
+    x0 = np.array([[0.5, 1.0], [-1.0, 0.2]])
+    errors = []
+    for h in (0.02, 0.01):
+        x1 = x0 + np.sqrt(h) * np.array([[0.7, -0.4], [-1.1, 0.9]])
+        t = lambda a: torch.tensor(a, dtype=DT)  # noqa: E731
+        got = euler_log_density(sde, t(x0), t(x1), t(np.zeros(2)), t(np.full(2, h))).numpy()
+        want = ou_log_density(x0, x1, h, np.array(cfg.theta), np.array(cfg.mean), np.array(cfg.sigma))
+        errors.append(np.abs(got - want).max())
+    assert 1.7 < errors[0] / errors[1] < 2.3 and errors[1] < 0.05, errors
+
+
+def test_gaussian_densities_are_differentiable_in_the_parameters() -> None:
+    from neuralpde_cli.likelihood.gaussian import euler_log_density, kessler_log_density
+    cfg = SDEConfig(**{**CEV, "gamma": 0.7})
+    names = parameter_names(cfg, 1)
+    x0 = torch.tensor([[1.8], [2.3], [1.5]], dtype=DT)
+    x1 = torch.tensor([[1.9], [2.1], [1.6]], dtype=DT)
+    t0, dt = torch.zeros(3, dtype=DT), torch.tensor([0.1, 0.25, 0.5], dtype=DT)
+    start = tuple(torch.tensor(v, dtype=DT, requires_grad=True) for v in parameter_values(cfg, 1).values())
+    for density in (euler_log_density, kessler_log_density):
+        f = lambda *v: density(build_sde_with(cfg, 1, dict(zip(names, v)), DT, CPU), x0, x1, t0, dt)  # noqa: E731
+        assert torch.autograd.gradcheck(f, start)
+    with pytest.raises(UserError, match="Kessler's approximation is one-dimensional"):
+        kessler_log_density(_sde(2), torch.zeros(1, 2, dtype=DT), torch.zeros(1, 2, dtype=DT),
+                            torch.zeros(1, dtype=DT), torch.ones(1, dtype=DT))
+
+
+def test_euler_pseudo_mle_on_ou_estimates_the_discretized_rate() -> None:
+    """At Δt = 0.5 the Euler pseudo-MLE of θ is (1 − e^{−θΔ})/Δ = 0.787, not θ = 1 (21% low):
+    the closed-form regression on exact OU data, and euler_log_density's gradient vanishing there."""
+    from neuralpde_cli.likelihood.gaussian import euler_log_density
+    theta, m, s, h, paths, steps = 1.0, 0.5, 0.3, 0.5, 50, 100
+    sde = _sde(kind="ou", theta=[[theta]], mean=[m], sigma=[[s]])
+    gen = torch.Generator().manual_seed(10)
+    x = m + s / math.sqrt(2 * theta) * torch.randn(paths, 1, generator=gen, dtype=DT)  # stationary
+    starts, ends = [], []
+    for _ in range(steps):
+        y = sde.sample_transition(x, torch.zeros(paths, dtype=DT), torch.full((paths,), h, dtype=DT), gen)
+        starts.append(x)
+        ends.append(y)
+        x = y
+    x0, x1 = torch.cat(starts), torch.cat(ends)
+    n = x0.shape[0]
+    a, b = np.polyfit(x0[:, 0].numpy(), x1[:, 0].numpy(), 1)[::-1]  # x1 = a + b·x0
+    rss = float(((x1[:, 0] - a - b * x0[:, 0]) ** 2).sum())
+    est = {"theta": (1 - b) / h, "mean": a / (1 - b), "sigma": math.sqrt(rss / (n * h))}
+    target = (1 - math.exp(-theta * h)) / h
+    se = math.sqrt((1 - math.exp(-2 * theta * h)) / n) / h   # of (1 − b)/Δ
+    assert abs(est["theta"] - target) < 4 * se and abs(est["theta"] - theta) > 8 * se, (est, target, se)
+    values = {k: torch.tensor(v, dtype=DT, requires_grad=True) for k, v in est.items()}
+    loglik = euler_log_density(build_sde_with(SDEConfig(kind="ou"), 1, values, DT, CPU), x0, x1,
+                               torch.zeros(n, dtype=DT), torch.full((n,), h, dtype=DT)).sum()
+    grads = torch.autograd.grad(loglik, list(values.values()))
+    assert max(abs(float(g)) for g in grads) < 1e-6, grads

@@ -1,0 +1,80 @@
+r"""Gaussian approximations of the transition density: the Euler and Kessler baselines.
+
+Both replace p(x₁, t₀ + Δ | x₀, t₀) by a normal density with approximate conditional moments,
+computed from the SDE's own coefficients in torch, so they are differentiable in its parameter
+tensors (an SDE from :func:`neuralpde_cli.sdes.build_sde_with`).
+
+* **Euler** (the pseudo-likelihood of the Euler–Maruyama step): N(x₀ + μΔ, σσᵀΔ), any d. Its
+  moments are first order in Δ: on OU it estimates (1 − e^{−θΔ})/Δ instead of θ.
+* **Kessler (1997)**, second order, 1-D: with the generator L f = μf′ + ½v f″ (v = σ²),
+  E ≈ x + μΔ + (μμ′ + ½vμ″)Δ²/2 and, centred (no cancellation between x² terms),
+  Var ≈ vΔ + (2μ² + μv′ + 2vμ′ + ½vv″)Δ²/2 − (E − x)². The derivatives in x come from autograd
+  with ``create_graph``, so the result stays differentiable in the parameters. The t-derivative
+  of time-dependent coefficients is not included (the built-in kinds are autonomous). The
+  expansion can give Var ≤ 0 at large Δ; |Var| is used there, as the published pymle
+  implementation does, so a fit does not stop on it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from neuralpde_cli.errors import UserError
+from neuralpde_cli.sdes import SDE
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+def _noise_covariance(sde: SDE, t: Tensor, x: Tensor) -> Tensor:
+    """σσᵀ = 2SSᵀ at each row, (n, d, d)."""
+    s = sde.diffusion_sqrt(t, x)
+    q = 2.0 * s @ s.transpose(-1, -2)
+    return q.expand(x.shape[0], x.shape[1], x.shape[1]) if q.dim() == 2 else q
+
+
+def euler_log_density(sde: SDE, x0: Tensor, x1: Tensor, t0: Tensor, dt: Tensor) -> Tensor:
+    """log N(x1; x0 + μ(t0, x0)Δ, σσᵀ(t0, x0)Δ) per transition: x0, x1 (n, d), t0, dt (n,) → (n,)."""
+    mean = x0 + sde.drift(t0, x0) * dt[:, None]
+    cov = _noise_covariance(sde, t0, x0) * dt[:, None, None]
+    chol, info = torch.linalg.cholesky_ex(cov)
+    if bool((info != 0).any()):
+        raise UserError("the Euler density needs a non-singular σσᵀ at every observed x0; "
+                        f"it is singular at x0 = {x0[info != 0][0].tolist()}")
+    z = torch.linalg.solve_triangular(chol, (x1 - mean).unsqueeze(-1), upper=False).squeeze(-1)
+    log_det = 2.0 * torch.log(torch.diagonal(chol, dim1=-2, dim2=-1)).sum(-1)
+    return -0.5 * (z * z).sum(-1) - 0.5 * log_det - 0.5 * x0.shape[1] * LOG_2PI
+
+
+def _d_dx(y: Tensor, x: Tensor) -> Tensor:
+    """dy/dx of a row-wise function (n,) of x (n, 1), kept in the graph; 0 where y ignores x."""
+    if not y.requires_grad:
+        return torch.zeros_like(y)
+    (grad,) = torch.autograd.grad(y.sum(), x, create_graph=True, allow_unused=True)
+    return torch.zeros_like(y) if grad is None else grad[:, 0]
+
+
+def kessler_moments(sde: SDE, x0: Tensor, t0: Tensor, dt: Tensor) -> tuple[Tensor, Tensor]:
+    """Kessler's second-order conditional mean and variance (each (n,)) of a 1-D SDE."""
+    if x0.shape[1] != 1:
+        raise UserError(f"Kessler's approximation is one-dimensional; the data have dim="
+                        f"{x0.shape[1]} (use the Euler baseline there)")
+    x = x0.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        mu = sde.drift(t0, x)[:, 0]
+        v = _noise_covariance(sde, t0, x)[:, 0, 0]
+        mu_x, v_x = _d_dx(mu, x), _d_dx(v, x)
+        mu_xx, v_xx = _d_dx(mu_x, x), _d_dx(v_x, x)
+    h = dt
+    shift = mu * h + (mu * mu_x + 0.5 * v * mu_xx) * h * h / 2.0
+    var = v * h + (2.0 * mu * mu + mu * v_x + 2.0 * v * mu_x + 0.5 * v * v_xx) * h * h / 2.0 - shift ** 2
+    return x0[:, 0] + shift, var
+
+
+def kessler_log_density(sde: SDE, x0: Tensor, x1: Tensor, t0: Tensor, dt: Tensor) -> Tensor:
+    """log N(x1; E, |Var|) with Kessler's moments, 1-D: x0, x1 (n, 1), t0, dt (n,) → (n,)."""
+    mean, var = kessler_moments(sde, x0, t0, dt)
+    var = torch.clamp(var.abs(), min=torch.finfo(var.dtype).tiny)
+    return -0.5 * ((x1[:, 0] - mean) ** 2 / var + torch.log(var) + LOG_2PI)
