@@ -22,7 +22,7 @@ heat through at roughly 50× the true rate. For smooth κ both are second order.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -34,6 +34,11 @@ from torch import Tensor
 from neuralpde_cli.errors import UserError, check_choice
 
 FIELD_KINDS = ("constant", "checkerboard", "gaussian_bump", "layered", "file")
+#: the FieldConfig keys each kind reads; a key set to anything but its default under a kind
+#: that ignores it is an error, not a silent κ = 1 (``kappa.path=k.npy`` without ``kind=file``)
+FIELD_KEYS = {"constant": ("value",), "checkerboard": ("value", "contrast", "cells"),
+              "layered": ("value", "contrast", "cells"),
+              "gaussian_bump": ("value", "amplitude", "center", "width"), "file": ("path", "range")}
 SIDES = ("left", "right", "bottom", "top")
 
 #: stencil offsets (di, dj); the centre comes first
@@ -328,6 +333,7 @@ class _Field:
                  positive: bool) -> None:
         self.where, self.cfg, self.domain = where, cfg, domain
         check_choice(f"{where}.kind", cfg.kind, FIELD_KINDS)
+        self._check_unused()
         if cfg.kind in ("checkerboard", "layered") and cfg.cells < 1:
             raise UserError(f"{where}.cells={cfg.cells} must be an integer ≥ 1")
         if cfg.kind == "gaussian_bump":
@@ -342,6 +348,19 @@ class _Field:
                 raise UserError(f"{where}: minimum value {low:g} (kind={cfg.kind}) is not > 0; "
                                 "κ must be positive everywhere (value > 0, contrast > 0, "
                                 "value + amplitude > 0, file values > 0)")
+
+    def _check_unused(self) -> None:
+        """A key the kind does not read, set away from its default, names the kinds that do."""
+        default = FieldConfig()
+        for f in fields(FieldConfig):
+            value = getattr(self.cfg, f.name)
+            if f.name == "kind" or f.name in FIELD_KEYS[self.cfg.kind] \
+                    or value == getattr(default, f.name):
+                continue
+            users = [k for k, keys in FIELD_KEYS.items() if f.name in keys]
+            raise UserError(f"{self.where}.{f.name}={value!r} is not used by {self.where}.kind="
+                            f"{self.cfg.kind} (which reads {', '.join(FIELD_KEYS[self.cfg.kind])}); "
+                            f"set {self.where}.kind to {' or '.join(users)} to use it, or drop it")
 
     def _minimum(self) -> float:
         c = self.cfg
