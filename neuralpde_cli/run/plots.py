@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ def make_plots(run_path: Path) -> list[Path]:
             out += plot_grid_run(npz_path, plots_dir)
         elif "u" in arrays:
             out += plot_density(arrays, plots_dir / "solution.png")
-            out += plot_moments(arrays, plots_dir / "moments.png")
+            out += plot_moments(arrays, plots_dir / "moments.png", _closed_form_moments(run_path))
             out += plot_animation(arrays, plots_dir / "density.gif")
             if "u_marginal" in arrays:
                 marginal = {"t": arrays["t"], "x": arrays["x_marginal"], "u": arrays["u_marginal"]}
@@ -38,6 +39,14 @@ def make_plots(run_path: Path) -> list[Path]:
                 out += plot_density(marginal, plots_dir / "marginals.png",
                                     "(x1, x2) marginal: the other coordinates integrated out")
     return out
+
+
+def _closed_form_moments(run_path: Path) -> bool:
+    """Whether the run's ansatz has closed-form moments (the mixture), from its summary.json."""
+    try:
+        return json.loads((run_path / "summary.json").read_text()).get("ansatz") == "gmm"
+    except (OSError, ValueError):
+        return False
 
 
 def make_chain_plots(chain_path: Path) -> list[Path]:
@@ -106,67 +115,201 @@ def plot_density(arrays: dict[str, np.ndarray], path: Path, title: str | None = 
     import matplotlib.pyplot as plt
     t, x, u = arrays["t"], arrays["x"], arrays["u"]
     ref = arrays.get("u_exact")
-    n_t = len(t)
     if x.shape[1] == 1:
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-        for i in range(n_t):
-            line, = axes[0].plot(x[:, 0], u[i], lw=1.5, label=f"t={t[i]:g}")
-            if ref is not None:
-                axes[0].plot(x[:, 0], ref[i], "--", color=line.get_color(), lw=1)
-                axes[1].semilogy(x[:, 0], np.abs(u[i] - ref[i]) + 1e-300, color=line.get_color())
-        axes[0].set_title("density (solid) and reference (dashed)")
-        axes[1].set_title("|error|")
-        axes[0].legend(fontsize=8)
+        fig = _density_1d(plt, t, x[:, 0], u, ref)
     else:
-        n_side = int(round(np.sqrt(x.shape[0])))
-        rows = 3 if ref is not None else 1
-        fig, axes = plt.subplots(rows, n_t, figsize=(2.6 * n_t, 2.5 * rows), squeeze=False)
-        extent = (x[:, 0].min(), x[:, 0].max(), x[:, 1].min(), x[:, 1].max())
-        for i in range(n_t):
-            panels = [("prediction", u[i])]
-            if ref is not None:
-                panels += [("exact", ref[i]), ("error", u[i] - ref[i])]
-            for r, (name, values) in enumerate(panels):
-                img = values.reshape(n_side, n_side).T
-                cmap = "RdBu_r" if name == "error" else "viridis"
-                vmax = np.abs(img).max() if name == "error" else None
-                im = axes[r, i].imshow(img, origin="lower", extent=extent, cmap=cmap,
-                                       vmin=-vmax if vmax else None, vmax=vmax)
-                axes[r, i].set_title(f"{name} t={t[i]:g}", fontsize=8)
-                axes[r, i].tick_params(labelsize=6)
-                fig.colorbar(im, ax=axes[r, i], fraction=0.046).ax.tick_params(labelsize=6)
-        if title is None and x.shape[1] > 2:
-            title = "slice through the initial mean (x1, x2; other coordinates at the mean)"
-        if title:
-            fig.suptitle(title, fontsize=9)
-        # fixed spacing: tight_layout would draw the 30 axes once more just to measure them
-        fig.subplots_adjust(left=0.04, right=0.97, bottom=0.06, top=0.92, wspace=0.45, hspace=0.4)
-    if x.shape[1] == 1:
-        fig.tight_layout()
+        fig = _density_2d(plt, t, x, u, ref, title)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return [path]
 
 
-def plot_moments(arrays: dict[str, np.ndarray], path: Path) -> list[Path]:
-    """Predicted against exact standard deviation (and mean) over t, first few coordinates."""
+#: |error| below this fraction of the largest is not drawn on the 1-D error axis (float64
+#: rounding of densities and their tails reach 1e-300; eight decades hold what can be seen)
+ERROR_DECADES = 8
+
+#: a 2-D panel shows where the density exceeds this fraction of its peak, padded
+ZOOM_LEVEL = 1e-3
+
+
+def _density_1d(plt, t: np.ndarray, x: np.ndarray, u: np.ndarray, ref: np.ndarray | None):
+    fig, axes = plt.subplots(1, 2 if ref is not None else 1, figsize=(11, 4), squeeze=False)
+    axes = axes[0]
+    worst = 0.0
+    for i in range(len(t)):
+        line, = axes[0].plot(x, u[i], lw=1.5, label=f"t={t[i]:g}")
+        if ref is not None:
+            axes[0].plot(x, ref[i], "--", color=line.get_color(), lw=1)
+            err = np.abs(u[i] - ref[i])
+            worst = max(worst, float(np.nanmax(err)))
+            axes[1].semilogy(x, np.where(err > 0, err, np.nan), color=line.get_color(), lw=1.2,
+                             label=f"t={t[i]:g}")
+    axes[0].set_title("density (solid) and reference (dashed)" if ref is not None else "density")
+    axes[0].set_xlabel("x")
+    axes[0].set_ylabel("p(t, x)")
+    axes[0].legend(fontsize=8)
+    if ref is not None:
+        if worst > 0:
+            axes[1].set_ylim(worst * 10.0 ** -ERROR_DECADES, worst * 3)
+        axes[1].set_title(f"|density − reference| (down to {10.0 ** -ERROR_DECADES:g} of the "
+                          "largest)", fontsize=10)
+        axes[1].set_xlabel("x")
+        axes[1].grid(alpha=0.3, which="major")
+    fig.tight_layout()
+    return fig
+
+
+def scaled(values: np.ndarray) -> tuple[np.ndarray, str]:
+    """Values scaled by a power of ten so colour-bar ticks stay short; the factor for the title
+    (a colour bar's own ``1e-5`` offset text would sit on the panel title above it)."""
+    top = float(np.nanmax(np.abs(values))) if values.size else 0.0
+    if not np.isfinite(top) or top == 0 or 1e-2 <= top < 1e3:
+        return values, ""
+    exponent = int(np.floor(np.log10(top)))
+    return values / 10.0 ** exponent, f" (×1e{exponent})"
+
+
+def _window(x: np.ndarray, images: list[np.ndarray]) -> tuple[float, float, float, float]:
+    """Where any of the images exceeds ZOOM_LEVEL of its peak, padded by a quarter and by two
+    grid cells, within the grid: each time gets its own window (a narrow early density is
+    otherwise a dot in the window that holds the late one)."""
+    lo, hi = x.min(0), x.max(0)
+    mask = np.zeros(images[0].shape, dtype=bool)
+    for img in images:
+        peak = float(np.nanmax(img)) if img.size else 0.0
+        if peak > 0:
+            mask |= img >= ZOOM_LEVEL * peak
+    n_side = images[0].shape[0]
+    if not mask.any():
+        return lo[0], hi[0], lo[1], hi[1]
+    h = (hi - lo) / (n_side - 1)
+    axes_x = [lo[k] + h[k] * np.arange(n_side) for k in (0, 1)]
+    rows, cols = np.nonzero(mask)  # img[i, j]: i along x2 (row), j along x1 (column)
+    x1 = axes_x[0][[cols.min(), cols.max()]]
+    x2 = axes_x[1][[rows.min(), rows.max()]]
+    half = 0.5 * max(x1[1] - x1[0], x2[1] - x2[0]) * 1.25 + 2 * h.max()
+    out = []
+    for k, centre in ((0, 0.5 * (x1[0] + x1[1])), (1, 0.5 * (x2[0] + x2[1]))):
+        if 2 * half >= hi[k] - lo[k]:
+            out += [lo[k], hi[k]]
+        else:  # a square window, shifted (not cut) to stay inside the grid
+            start = min(max(centre - half, lo[k]), hi[k] - 2 * half)
+            out += [start, start + 2 * half]
+    return tuple(out)  # type: ignore[return-value]
+
+
+def _density_2d(plt, t: np.ndarray, x: np.ndarray, u: np.ndarray, ref: np.ndarray | None,
+                title: str | None):
+    n_t = len(t)
+    n_side = int(round(np.sqrt(x.shape[0])))
+    rows = 3 if ref is not None else 1
+    width = 2.9 * n_t + 0.6
+    fig, axes = plt.subplots(rows, n_t, figsize=(width, 2.6 * rows + 0.5), squeeze=False)
+    h = (x.max(0) - x.min(0)) / (n_side - 1)
+    # pixel edges half a cell outside the sample points, so each pixel is centred on its point
+    extent = (x[:, 0].min() - h[0] / 2, x[:, 0].max() + h[0] / 2,
+              x[:, 1].min() - h[1] / 2, x[:, 1].max() + h[1] / 2)
+    for i in range(n_t):
+        pred = u[i].reshape(n_side, n_side).T
+        panels = [("prediction", pred)]
+        if ref is not None:
+            exact = ref[i].reshape(n_side, n_side).T
+            panels += [("exact", exact), ("error", pred - exact)]
+        window = _window(x, [p for name, p in panels if name != "error"])
+        for r, (name, img) in enumerate(panels):
+            ax = axes[r, i]
+            shown, factor = scaled(img)
+            if name == "error":
+                vmax = float(np.nanmax(np.abs(shown))) or 1.0
+                im = ax.imshow(shown, origin="lower", extent=extent, cmap="RdBu_r",
+                               vmin=-vmax, vmax=vmax, interpolation="bilinear")
+            else:
+                im = ax.imshow(shown, origin="lower", extent=extent, cmap="viridis",
+                               interpolation="bilinear")
+            ax.set_xlim(window[0], window[1])
+            ax.set_ylim(window[2], window[3])
+            ax.set_title(f"{name} t={t[i]:g}{factor}", fontsize=8)
+            ax.tick_params(labelsize=6)
+            if r == rows - 1:
+                ax.set_xlabel("x₁", fontsize=8)
+            if i == 0:
+                ax.set_ylabel("x₂", fontsize=8)
+            fig.colorbar(im, ax=ax, fraction=0.046, pad=0.03).ax.tick_params(labelsize=6)
+    if title is None and x.shape[1] > 2:
+        title = "slice through the initial mean (x₁, x₂; other coordinates at the mean)"
+    title = (title + "; " if title else "") + "each time in its own window"
+    fig.suptitle(title, fontsize=9)
+    # fixed margins in inches (tight_layout would draw the 30 axes once more just to measure):
+    # room for the last colour bar's labels on the right and the axis labels on the left
+    height = 2.6 * rows + 0.5
+    fig.subplots_adjust(left=0.55 / width, right=1 - 0.5 / width, bottom=0.45 / height,
+                        top=1 - 0.6 / height, wspace=0.55, hspace=0.4)
+    return fig
+
+
+#: the grid's window must hold the exact mean ± this many stds for moments by quadrature (the
+#: variance beyond 3.5 std of a Gaussian is 0.4% of it, 0.2% of the std)
+COVER = 3.5
+
+
+def moments_by_quadrature(x: np.ndarray, frames: np.ndarray, std_exact: np.ndarray,
+                          mean_exact: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std (n_t, d) of the stored density frames by the grid's rule, NaN at times the
+    grid does not resolve: a spacing above the exact std, or a window that does not hold the
+    exact mean ± COVER std (d ≤ 2, where solution.npz holds frames on the regular grid)."""
+    w = frames.astype(np.float64)
+    mass = w.sum(1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = (w @ x) / mass
+        var = (w @ (x * x)) / mass - mean ** 2
+    std = np.sqrt(np.clip(var, 0.0, None))
+    lo, hi = x.min(0), x.max(0)
+    n_side = len(np.unique(x[:, 0]))
+    h = (hi - lo) / max(n_side - 1, 1)
+    ok = (std_exact >= h).all(1) & (mean_exact - COVER * std_exact >= lo).all(1) \
+        & (mean_exact + COVER * std_exact <= hi).all(1) & (mass[:, 0] > 0)
+    mean[~ok], std[~ok] = np.nan, np.nan
+    return mean, std
+
+
+def plot_moments(arrays: dict[str, np.ndarray], path: Path, closed_form: bool = False) -> list[Path]:
+    """Predicted against exact standard deviation (and mean) over t, first few coordinates.
+
+    The model's moments: its closed forms (``closed_form``, the mixture); else the quadrature
+    of the density frames on the grid (d ≤ 2, where it resolves them), the same density
+    solution.png shows; else (d > 2) the importance-sampled estimate stored in solution.npz,
+    labelled as such (noisy where the model's tails differ from the exact law's)."""
     import matplotlib.pyplot as plt
     if "std_pred" not in arrays:
         return []
     tm = arrays["moment_t"]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for k in range(min(arrays["std_pred"].shape[1], 3)):
-        line, = axes[0].plot(tm, arrays["std_pred"][:, k], lw=1.5, label=f"x{k + 1} predicted")
-        line2, = axes[1].plot(tm, arrays["mean_pred"][:, k], lw=1.5, label=f"x{k + 1} predicted")
+    mean_pred, std_pred = arrays["mean_pred"], arrays["std_pred"]
+    how = "closed form"
+    if not closed_form:
+        if "u_frames" in arrays and "std_exact" in arrays:
+            mean_pred, std_pred = moments_by_quadrature(arrays["x"], arrays["u_frames"],
+                                                        arrays["std_exact"], arrays["mean_exact"])
+            how = "quadrature of the density on the plotted grid"
+            if np.isnan(std_pred).any():
+                how += " (gaps: times the grid does not resolve)"
+        else:
+            how = "importance-sampled from the exact law (noisy where the tails differ)"
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
+    for k in range(min(std_pred.shape[1], 3)):
+        axes[0].plot(tm, std_pred[:, k], lw=1.5, label=f"x{k + 1} model")
+        axes[1].plot(tm, mean_pred[:, k], lw=1.5, label=f"x{k + 1} model")
         if "std_exact" in arrays:
-            axes[0].plot(tm, arrays["std_exact"][:, k], "k--", lw=1, label="exact" if k == 0 else None)
-            axes[1].plot(tm, arrays["mean_exact"][:, k], "k--", lw=1, label="exact" if k == 0 else None)
+            style = {"lw": 1, "ls": "--", "color": "k", "label": "exact" if k == 0 else None}
+            axes[0].plot(tm, arrays["std_exact"][:, k], **style)
+            axes[1].plot(tm, arrays["mean_exact"][:, k], **style)
     axes[0].set_title("standard deviation")
     axes[1].set_title("mean")
-    for ax in axes:
+    for ax, what in zip(axes, ("std of xₖ", "mean of xₖ")):
         ax.set_xlabel("t")
+        ax.set_ylabel(what)
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    fig.suptitle(f"model moments: {how}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -6,19 +6,33 @@ from pathlib import Path
 
 import numpy as np
 
+from neuralpde_cli.run.plots import scaled
 
 
 def _heat_map(fig, ax, values: np.ndarray, x: np.ndarray, y: np.ndarray, title: str,
-              cmap: str = "viridis", log: bool = False) -> None:
-    """values[i, j] at (x[i], y[j]) drawn with x to the right and y up."""
+              cmap: str = "viridis", log: bool = False, diverging: bool = False) -> None:
+    """values[i, j] at (x[i], y[j]) drawn with x to the right and y up; ``diverging`` centres
+    the colour map on 0. A power-of-ten factor goes into the title (a colour bar's own offset
+    text would overlap it); a constant field is named as one."""
     from matplotlib.colors import LogNorm
-    norm = None
+    finite = values[np.isfinite(values)]
+    if finite.size and finite.min() == finite.max():
+        title = f"{title} = {finite.min():.4g} (constant)"
+    norm, factor = None, ""
     if log and np.all(values > 0) and values.max() > 10 * values.min():
         norm = LogNorm(vmin=values.min(), vmax=values.max())
-    im = ax.imshow(values.T, origin="lower", extent=(x[0], x[-1], y[0], y[-1]), cmap=cmap,
-                   norm=norm, aspect="equal", interpolation="nearest")
+    else:
+        values, factor = scaled(values)
+    limits = {}
+    if diverging and norm is None:
+        top = float(np.nanmax(np.abs(values))) or 1.0
+        limits = {"vmin": -top, "vmax": top}
+    hx, hy = (x[-1] - x[0]) / max(len(x) - 1, 1), (y[-1] - y[0]) / max(len(y) - 1, 1)
+    im = ax.imshow(values.T, origin="lower", cmap=cmap, norm=norm, aspect="equal",
+                   interpolation="nearest", **limits,
+                   extent=(x[0] - hx / 2, x[-1] + hx / 2, y[0] - hy / 2, y[-1] + hy / 2))
     fig.colorbar(im, ax=ax, shrink=0.85)
-    ax.set_title(title)
+    ax.set_title(title + factor, fontsize=10)
     ax.set_xlabel("x")
     ax.set_ylabel("y")
 
@@ -42,7 +56,7 @@ def plot_grid_run(npz_path: Path, plots_dir: Path) -> list[Path]:
     res = np.abs(arrays["residual"])
     _heat_map(fig, axes[0, 1], res, x, y, f"|∇·(κ∇T) + s|  (max {res.max():.2e})", cmap="magma")
     _heat_map(fig, axes[1, 0], arrays["kappa"], x, y, "κ", cmap="cividis", log=True)
-    _heat_map(fig, axes[1, 1], arrays["source"], x, y, "s", cmap="coolwarm")
+    _heat_map(fig, axes[1, 1], arrays["source"], x, y, "s", cmap="coolwarm", diverging=True)
     n = arrays["T"].shape[0]
     fig.suptitle(f"steady diffusion on a {n}×{arrays['T'].shape[1]} grid")
     fig.tight_layout()
@@ -55,7 +69,8 @@ def plot_grid_run(npz_path: Path, plots_dir: Path) -> list[Path]:
         err = arrays["T"] - arrays["T_reference"]
         rel = np.linalg.norm(err) / max(np.linalg.norm(arrays["T_reference"]), 1e-300)
         fig, ax = plt.subplots(figsize=(6.5, 5.5))
-        _heat_map(fig, ax, err, x, y, f"T − T_direct  (relative L2 {rel:.2e})", cmap="RdBu_r")
+        _heat_map(fig, ax, err, x, y, f"T − T_direct  (relative L2 {rel:.2e})", cmap="RdBu_r",
+                  diverging=True)
         fig.tight_layout()
         path = plots_dir / "error.png"
         fig.savefig(path, dpi=110)
