@@ -1,0 +1,316 @@
+"""Observations of an SDE: the data schema ``simulate`` writes and ``calibrate`` reads.
+
+Two formats hold the same fields (documented in README § Data sets):
+
+* **CSV**: a header naming the columns, then one observation per line. ``time`` (required),
+  one column per state variable (any other names, in order), ``path`` (optional: an integer
+  id, for several independent paths in one file). Columns may come in any order.
+* **.npz**: arrays ``time`` (N,), ``state`` (N, d) (or (N,) for d = 1), optionally ``path``
+  (N,) integers and ``state_names`` (d,) strings.
+
+Times must increase strictly within each path; the time step may vary (irregular sampling).
+Rows stay in file order, so a row index always points back to the line a user can find.
+Every problem with a file is one UserError naming the file, the line (CSV) or row (npz) and
+the column.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from neuralpde_cli.errors import UserError
+from neuralpde_cli.run.atomic import atomic_write
+
+FORMATS = (".csv", ".npz")
+NPZ_FIELDS = ("time", "state", "path", "state_names")
+
+
+def default_state_names(dim: int) -> list[str]:
+    """``x`` in 1-D, ``x1 … xd`` otherwise."""
+    return ["x"] if dim == 1 else [f"x{i + 1}" for i in range(dim)]
+
+
+@dataclass
+class Transitions:
+    """Consecutive pairs within each path (numpy): start x0 (n, d), end x1 (n, d), start time
+    t0 (n,), step dt (n,) > 0; ``path`` (n,) their path id and ``row`` (n,) the index of x1's
+    observation in :class:`Observations` (to point back at the file)."""
+
+    x0: np.ndarray
+    x1: np.ndarray
+    t0: np.ndarray
+    dt: np.ndarray
+    path: np.ndarray | None = None
+    row: np.ndarray | None = None
+
+    @property
+    def n(self) -> int:
+        return int(self.dt.shape[0])
+
+
+@dataclass
+class Observations:
+    """time (N,), state (N, d), path (N,) int, in file order; ``source`` names the file read."""
+
+    time: np.ndarray
+    state: np.ndarray
+    path: np.ndarray
+    state_names: list[str] = field(default_factory=list)
+    source: str = ""
+    #: CSV line number of each row (blank lines are skipped), None for other sources
+    line: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        self.time = np.asarray(self.time, dtype=float).reshape(-1)
+        self.state = np.asarray(self.state, dtype=float).reshape(self.time.shape[0], -1)
+        self.path = np.asarray(self.path, dtype=np.int64).reshape(-1)
+        if self.path.shape != self.time.shape:
+            raise ValueError(f"path has {self.path.shape[0]} entries, time {self.time.shape[0]}")
+        if not self.state_names:
+            self.state_names = default_state_names(self.dim)
+
+    @property
+    def dim(self) -> int:
+        return int(self.state.shape[1])
+
+    @property
+    def n_paths(self) -> int:
+        return int(np.unique(self.path).shape[0])
+
+    def where(self, row: int) -> str:
+        """How a user finds observation ``row``: "data.csv line 7" or "data.npz row 5"."""
+        place = f"line {int(self.line[row])}" if self.line is not None else f"row {row}"
+        return f"{self.source} {place}" if self.source else place
+
+    def transitions(self) -> Transitions:
+        """Every consecutive pair within a path (paths in order of their id, rows in file order)."""
+        order = np.argsort(self.path, kind="stable")
+        same = self.path[order][1:] == self.path[order][:-1]
+        start, end = order[:-1][same], order[1:][same]
+        return Transitions(x0=self.state[start], x1=self.state[end], t0=self.time[start],
+                           dt=self.time[end] - self.time[start], path=self.path[end], row=end)
+
+
+# --- reading ----------------------------------------------------------------------------------
+def read_observations(path: str | Path, dim: int | None = None) -> Observations:
+    """The observations in a CSV or .npz file, checked (see the module docstring); ``dim``: the
+    state dimension the SDE needs (None: whatever the file has)."""
+    file = Path(str(path)).expanduser()
+    name = str(path)
+    if not file.exists():
+        raise UserError(f"data file {name}: no such file")
+    if file.is_dir():
+        raise UserError(f"data file {name} is a folder; give a .csv or .npz file")
+    suffix = file.suffix.lower()
+    if suffix not in FORMATS:
+        raise UserError(f"data file {name}: unknown format {file.suffix or '(no suffix)'!r}; "
+                        f"use one of {list(FORMATS)} (README § Data sets)")
+    time, state, paths, names, lines = (_read_csv if suffix == ".csv" else _read_npz)(file, name)
+    obs = Observations(time, state, paths, names, name, lines)
+    _check(obs, dim)
+    return obs
+
+
+def _read_csv(file: Path, name: str) -> tuple[Any, ...]:
+    try:
+        text = file.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise UserError(f"data file {name} is not UTF-8 text (byte {exc.start}); is it a CSV?") from None
+    except OSError as exc:
+        raise UserError(f"data file {name} cannot be read: {exc.strerror or exc}") from None
+    try:
+        lines = [(i + 1, row) for i, row in enumerate(csv.reader(io.StringIO(text)))
+                 if any(cell.strip() for cell in row)]
+    except csv.Error as exc:
+        raise UserError(f"data file {name} is not valid CSV: {exc}") from None
+    if not lines:
+        raise UserError(f"data file {name} is empty; it needs a header line "
+                        "'time,<state columns>[,path]' and observations")
+    header_line, header = lines[0]
+    header = [h.strip() for h in header]
+    for j, h in enumerate(header):
+        if not h:
+            raise UserError(f"data file {name} line {header_line}: column {j + 1} has no name "
+                            f"(header {','.join(header)!r})")
+    dupes = sorted({h for h in header if header.count(h) > 1})
+    if dupes:
+        raise UserError(f"data file {name} line {header_line}: column {dupes[0]!r} appears twice")
+    if "time" not in header:
+        near = [h for h in header if h.lower() in ("time", "t", "times", "date")]
+        hint = f" (rename {near[0]!r} to 'time')" if near else ""
+        raise UserError(f"data file {name}: no 'time' column in the header {header}{hint}; the "
+                        "schema is 'time,<state columns>[,path]'")
+    rows = lines[1:]
+    if not rows:
+        raise UserError(f"data file {name} has a header but no observations")
+    width = len(header)
+    for line, row in rows:
+        if len(row) != width:
+            what = "more" if len(row) > width else "fewer"
+            raise UserError(f"data file {name} line {line}: {len(row)} fields, {what} than the "
+                            f"{width} columns of the header ({','.join(header)})")
+    cells = [[c.strip() for c in row] for _, row in rows]
+    try:
+        values = np.array(cells, dtype=float)
+    except ValueError:
+        for (line, _), row in zip(rows, cells):
+            for j, cell in enumerate(row):
+                try:
+                    float(cell)
+                except ValueError:
+                    what = "an empty field" if not cell else f"{cell!r} is not a number"
+                    raise UserError(f"data file {name} line {line}, column {header[j]}: "
+                                    f"{what}") from None
+        raise  # pragma: no cover - numpy and float() agree on what a number is
+    line_of = np.array([line for line, _ in rows])
+    where = lambda i: f"data file {name} line {int(line_of[i])}"  # noqa: E731
+    states = [h for h in header if h not in ("time", "path")]
+    if not states:
+        raise UserError(f"data file {name}: no state column; the header {header} needs one column "
+                        "per state variable beside 'time' (and the optional 'path')")
+    col = {h: j for j, h in enumerate(header)}
+    paths = _path_ids(values[:, col["path"]], where, "column path") if "path" in col \
+        else np.zeros(len(rows), dtype=np.int64)
+    _finite(values[:, [col["time"]]], ["time"], where)
+    return values[:, col["time"]], values[:, [col[h] for h in states]], paths, states, line_of
+
+
+def _read_npz(file: Path, name: str) -> tuple[Any, ...]:
+    try:
+        if not zipfile.is_zipfile(file):  # np.load would try it as a pickle and say so
+            raise UserError(f"data file {name} is not an .npz archive (np.savez writes one)")
+        with np.load(file, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise UserError(f"data file {name} is not a readable .npz ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else 'truncated?'})") from None
+    unknown = sorted(set(arrays) - set(NPZ_FIELDS))
+    if unknown:
+        raise UserError(f"data file {name}: unknown array {unknown[0]!r}; the arrays are "
+                        f"{list(NPZ_FIELDS)} (path and state_names optional)")
+    for key in ("time", "state"):
+        if key not in arrays:
+            raise UserError(f"data file {name}: no {key!r} array (it has {sorted(arrays)}); the "
+                            "schema needs time (N,) and state (N, d)")
+    where = lambda i: f"data file {name} row {i}"  # noqa: E731
+    time, state = arrays["time"], arrays["state"]
+    for key, value in (("time", time), ("state", state)):
+        if not np.issubdtype(value.dtype, np.number) or np.iscomplexobj(value):
+            raise UserError(f"data file {name}: {key} has dtype {value.dtype}; it must hold real numbers")
+    if time.ndim != 1:
+        raise UserError(f"data file {name}: time has shape {time.shape}; it must be (N,)")
+    state = state.reshape(-1, 1) if state.ndim == 1 else state
+    if state.ndim != 2 or state.shape[0] != time.shape[0]:
+        raise UserError(f"data file {name}: state has shape {arrays['state'].shape}; with "
+                        f"{time.shape[0]} times it must be ({time.shape[0]}, d)")
+    if time.shape[0] == 0:
+        raise UserError(f"data file {name} holds no observations (time is empty)")
+    names = default_state_names(state.shape[1])
+    if "state_names" in arrays:
+        given = arrays["state_names"].reshape(-1)
+        if given.dtype.kind not in "US" or given.shape[0] != state.shape[1]:
+            raise UserError(f"data file {name}: state_names must be {state.shape[1]} strings "
+                            f"(got {given.dtype} of shape {given.shape})")
+        names = [str(s) for s in given]
+    paths = np.zeros(time.shape[0], dtype=np.int64)
+    if "path" in arrays:
+        p = arrays["path"]
+        if p.shape != time.shape or not np.issubdtype(p.dtype, np.number):
+            raise UserError(f"data file {name}: path has shape {p.shape} and dtype {p.dtype}; it "
+                            f"must be {time.shape[0]} integers")
+        paths = _path_ids(p.astype(float), where, "path")
+    _finite(time.astype(float).reshape(-1, 1), ["time"], where)
+    return time.astype(float), state.astype(float), paths, names, None
+
+
+def _finite(values: np.ndarray, names: list[str], where: Any) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        i, j = np.argwhere(bad)[0]
+        raise UserError(f"{where(int(i))}, column {names[j]}: {values[i, j]} (values must be "
+                        "finite numbers)")
+
+
+def _path_ids(values: np.ndarray, where: Any, what: str) -> np.ndarray:
+    bad = ~np.isfinite(values) | (values != np.round(values))
+    if bad.any():
+        i = int(np.argmax(bad))
+        raise UserError(f"{where(i)}, {what}: {values[i]} is not an integer path id")
+    return values.astype(np.int64)
+
+
+def _check(obs: Observations, dim: int | None) -> None:
+    """The checks shared by both formats: finite states, dimension, increasing times, enough
+    observations for a transition."""
+    where = lambda i: f"data file {obs.where(i)}"  # noqa: E731
+    _finite(obs.state, obs.state_names, where)
+    if dim is not None and obs.dim != dim:
+        raise UserError(f"data file {obs.source} has {obs.dim} state column(s) "
+                        f"{obs.state_names} but equation.dim={dim}: set equation.dim={obs.dim}, "
+                        f"or give the file {dim} state column(s) beside time and path")
+    order = np.argsort(obs.path, kind="stable")
+    same = obs.path[order][1:] == obs.path[order][:-1]
+    step = obs.time[order][1:] - obs.time[order][:-1]
+    bad = same & ~(step > 0)
+    if bad.any():
+        k = int(np.argmax(bad))
+        prev, row = int(order[k]), int(order[k + 1])
+        place = obs.where(prev)[len(obs.source) + 1:]
+        raise UserError(f"{where(row)}, column time: {obs.time[row]:g} is not after "
+                        f"{obs.time[prev]:g} ({place}) of path "
+                        f"{obs.path[row]}; times must increase strictly within a path")
+    if not same.any():
+        raise UserError(f"data file {obs.source} has no transition: every path has a single "
+                        f"observation ({obs.time.shape[0]} rows, {obs.n_paths} path(s))")
+
+
+def check_state_space(obs: Observations, lower_bound: float | None, what: str) -> None:
+    """A UserError at the first state ≤ ``lower_bound`` (CIR, CEV, GBM live above 0), naming
+    the file, line/row and column; ``what`` names the model, e.g. "equation.sde.kind=cir"."""
+    if lower_bound is None:
+        return
+    bad = obs.state <= lower_bound
+    if bad.any():
+        i, j = (int(v) for v in np.argwhere(bad)[0])
+        raise UserError(f"data file {obs.where(i)}, column {obs.state_names[j]}: "
+                        f"{obs.state[i, j]:g} is not above {lower_bound:g}, where {what} lives")
+
+
+# --- writing ----------------------------------------------------------------------------------
+def _csv_text(obs: Observations) -> str:
+    several = obs.n_paths > 1
+    header = ["time", *obs.state_names] + (["path"] if several else [])
+    lines = [",".join(header)]
+    for i in range(obs.time.shape[0]):  # repr: the shortest text that reads back exactly
+        cells = [repr(float(obs.time[i]))] + [repr(float(v)) for v in obs.state[i]]
+        lines.append(",".join(cells + ([str(int(obs.path[i]))] if several else [])))
+    return "\n".join(lines) + "\n"
+
+
+def write_observations(obs: Observations, stem: Path) -> list[Path]:
+    """``stem.csv`` and ``stem.npz`` with the same observations, each written atomically (the
+    CSV has a ``path`` column only when there are several paths)."""
+    stem = Path(stem)
+    csv_path, npz_path = Path(f"{stem}.csv"), Path(f"{stem}.npz")
+    text = _csv_text(obs)
+    atomic_write(csv_path, lambda h: h.write(text.encode()))
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, time=obs.time, state=obs.state, path=obs.path,
+                        state_names=np.array(obs.state_names, dtype=str))
+    atomic_write(npz_path, lambda h: h.write(buffer.getvalue()))
+    return [csv_path, npz_path]
+
+
+def describe_steps(dt: np.ndarray) -> dict[str, float]:
+    """min / median / max of the time steps (what summaries and messages quote)."""
+    if dt.size == 0:
+        return {"min": math.nan, "median": math.nan, "max": math.nan}
+    return {"min": float(dt.min()), "median": float(np.median(dt)), "max": float(dt.max())}

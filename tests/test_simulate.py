@@ -1,0 +1,128 @@
+"""The observation schema (neuralpde_cli/data.py) and `neuralpde simulate` end to end.
+
+Every bad-input class of the reader is checked in-process (fast); a few go through the CLI to
+check they reach the user as one line with exit status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.stats
+
+from neuralpde_cli.data import (Observations, check_state_space, read_observations,
+                                write_observations)
+from neuralpde_cli.errors import UserError
+
+
+# --- the reader, every bad-input class --------------------------------------------------------
+def _csv(tmp_path: Path, text: str, name: str = "d.csv") -> Path:
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, dim, message", [
+    ("t,x\n0,1\n1,2\n", None, r"d.csv: no 'time' column in the header \['t', 'x'\] \(rename 't' to 'time'\)"),
+    ("time,path\n0,0\n1,0\n", None, "d.csv: no state column"),
+    ("time,x,y\n0,1,2\n1,2,3\n", 1, r"has 2 state column\(s\) \['x', 'y'\] but equation.dim=1"),
+    ("time,x\n0,1\n1,2\n", 2, r"has 1 state column\(s\) \['x'\] but equation.dim=2"),
+    ("time,x\n0,1\n1,2,7\n", None, "d.csv line 3: 3 fields, more than the 2 columns"),
+    ("time,x,y\n0,1,2\n1,2\n", None, "d.csv line 3: 2 fields, fewer than the 3 columns"),
+    ("time,x,x\n0,1,1\n", None, "d.csv line 1: column 'x' appears twice"),
+    ("time,,x\n0,1,1\n", None, "d.csv line 1: column 2 has no name"),
+    ("time,x\n0,1\n0.5,nan\n1,2\n", None, "d.csv line 3, column x: nan"),
+    ("time,x\n0,1\n0.5,\n", None, "d.csv line 3, column x: an empty field"),
+    ("time,x\n0,1\n0.5,abc\n", None, "d.csv line 3, column x: 'abc' is not a number"),
+    ("time,x\n0,1\ninf,2\n", None, "d.csv line 3, column time: inf"),
+    ("time,x\n0,1\n0.5,2\n0.5,3\n", None, r"d.csv line 4, column time: 0.5 is not after 0.5 \(line 3\) of path 0"),
+    ("time,x,path\n0,1,0\n2,1,1\n1,2,0\n0.5,2,0\n", None, r"line 5, column time: 0.5 is not after 1 \(line 4\) of path 0"),
+    ("time,x,path\n0,1,0\n1,2,0.5\n", None, "d.csv line 3, column path: 0.5 is not an integer path id"),
+    ("time,x\n", None, "d.csv has a header but no observations"),
+    ("", None, "d.csv is empty"),
+    ("time,x,path\n0,1,0\n0,2,1\n", None, "has no transition: every path has a single observation"),
+])
+def test_csv_bad_input_is_one_clear_error(tmp_path: Path, text: str, dim, message: str) -> None:
+    with pytest.raises(UserError, match=message) as info:
+        read_observations(_csv(tmp_path, text), dim=dim)
+    assert "\n" not in str(info.value)
+
+
+def test_unreadable_files(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="nope.csv: no such file"):
+        read_observations(tmp_path / "nope.csv")
+    with pytest.raises(UserError, match="is a folder"):
+        read_observations(tmp_path)
+    with pytest.raises(UserError, match=r"unknown format '.txt'; use one of \['.csv', '.npz'\]"):
+        read_observations(_csv(tmp_path, "time,x\n", "d.txt"))
+    (tmp_path / "bin.csv").write_bytes(b"\xff\xfe\x00\x01")
+    with pytest.raises(UserError, match="bin.csv is not UTF-8 text"):
+        read_observations(tmp_path / "bin.csv")
+    with pytest.raises(UserError, match="junk.npz is not an .npz archive"):
+        read_observations(_csv(tmp_path, "time,x\n0,1\n", "junk.npz"))
+    (tmp_path / "cut.npz").write_bytes(_npz_bytes(tmp_path, time=np.arange(3.0), state=np.ones(3))[:60])
+    with pytest.raises(UserError, match="cut.npz"):
+        read_observations(tmp_path / "cut.npz")
+
+
+def _npz_bytes(tmp_path: Path, **arrays) -> bytes:
+    np.savez(tmp_path / "tmp.npz", **arrays)
+    return (tmp_path / "tmp.npz").read_bytes()
+
+
+@pytest.mark.parametrize("arrays, message", [
+    ({"time": np.arange(3.0)}, r"no 'state' array \(it has \['time'\]\)"),
+    ({"time": np.arange(3.0), "state": np.ones(3), "extra": np.ones(3)}, "unknown array 'extra'"),
+    ({"time": np.arange(3.0), "state": np.ones((4, 1))}, r"state has shape \(4, 1\); with 3 times"),
+    ({"time": np.arange(3.0), "state": np.array([1.0, np.nan, 2.0])}, "d.npz row 1, column x: nan"),
+    ({"time": np.array([0.0, 1.0, 1.0]), "state": np.ones(3)}, "d.npz row 2, column time: 1 is not after 1 "
+                                                                r"\(row 1\)"),
+    ({"time": np.arange(3.0), "state": np.ones(3), "path": np.array([0, 1])}, "path has shape"),
+    ({"time": np.arange(3.0), "state": np.ones((3, 2)), "state_names": np.array(["a"])},
+     "state_names must be 2 strings"),
+    ({"time": np.array(["a", "b"]), "state": np.ones(2)}, "time has dtype <U1"),
+])
+def test_npz_bad_input_is_one_clear_error(tmp_path: Path, arrays: dict, message: str) -> None:
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(UserError, match=message):
+        read_observations(tmp_path / "d.npz")
+
+
+def test_state_space_check_names_file_line_and_column(tmp_path: Path) -> None:
+    obs = read_observations(_csv(tmp_path, "time,rate\n0,0.3\n1,0.2\n2,-0.01\n"))
+    check_state_space(obs, None, "equation.sde.kind=ou")
+    with pytest.raises(UserError, match=r"d.csv line 4, column rate: -0.01 is not above 0, where "
+                                        "equation.sde.kind=cir lives"):
+        check_state_space(obs, 0.0, "equation.sde.kind=cir")
+
+
+def test_round_trip_several_paths_irregular_steps(tmp_path: Path) -> None:
+    """CSV and npz hold the same numbers bit for bit; transitions stay within their path, in
+    the order of the path ids, whatever the row order of the file."""
+    rng = np.random.default_rng(0)
+    time = np.concatenate([np.cumsum(rng.exponential(0.3, 5)), np.cumsum(rng.exponential(0.3, 4))])
+    obs = Observations(time, rng.normal(size=(9, 2)), np.array([3] * 5 + [1] * 4), ["a", "b"])
+    paths = write_observations(obs, tmp_path / "data")
+    assert [p.name for p in paths] == ["data.csv", "data.npz"]
+    assert (tmp_path / "data.csv").read_text().splitlines()[0] == "time,a,b,path"
+    for path in paths:
+        back = read_observations(path, dim=2)
+        np.testing.assert_array_equal(back.time, obs.time)
+        np.testing.assert_array_equal(back.state, obs.state)
+        np.testing.assert_array_equal(back.path, obs.path)
+        assert back.state_names == ["a", "b"] and back.n_paths == 2
+        tr = back.transitions()
+        assert tr.n == 7 and list(tr.path) == [1, 1, 1, 3, 3, 3, 3]
+        np.testing.assert_array_equal(tr.x0[0], obs.state[5])
+        np.testing.assert_array_equal(tr.x1[0], obs.state[6])
+        np.testing.assert_allclose(tr.dt, np.concatenate([np.diff(time[5:]), np.diff(time[:5])]))
+    # a single path has no path column; blank lines are skipped but lines still count
+    single = Observations(np.arange(3.0), np.ones((3, 1)), np.zeros(3))
+    write_observations(single, tmp_path / "one")
+    assert (tmp_path / "one.csv").read_text().splitlines()[0] == "time,x"
+    with pytest.raises(UserError, match="line 4, column x"):
+        read_observations(_csv(tmp_path, "time,x\n\n0,1\n1,nan\n"))
