@@ -14,6 +14,8 @@ from neuralpde_cli.errors import UserError
 
 SUBCOMMANDS = {
     "solve": ("neuralpde_cli.tasks.solve", "Solve a PDE with an ansatz; writes a run directory."),
+    "calibrate": ("neuralpde_cli.tasks.calibrate",
+                  "Fit an SDE's parameters to data through its Fokker–Planck transition density."),
 }
 
 USAGE = f"""neuralpde {__version__}: differentiable PDE solving from Hydra configs

@@ -152,8 +152,8 @@ def minimize(objective: Objective, start: np.ndarray, kinds: list[str], *,
              hinv0: np.ndarray | None = None, max_iter: int = 200, tol: float = 1e-7,
              state: FitState | None = None,
              callback: Callable[[FitState, np.ndarray], None] | None = None) -> FitState:
-    """BFGS with a backtracking (Armijo) line search on u; ``callback(state, θ)`` after each
-    iteration (write metrics, checkpoint). ``state`` resumes a saved run."""
+    """BFGS with a backtracking (Armijo) line search on u; ``callback(state, θ)`` at the start
+    and after each iteration (write metrics, checkpoint). ``state`` resumes a saved run."""
     safe = _safe(objective)
     if state is None:
         u = to_unconstrained(np.asarray(start, float), kinds)
@@ -163,6 +163,8 @@ def minimize(objective: Objective, start: np.ndarray, kinds: list[str], *,
                             f"{np.round(to_natural(u, kinds)[0], 6).tolist()}; choose others")
         hinv = np.array(hinv0, float) if hinv0 is not None else np.eye(len(u)) / max(1.0, abs(f))
         state = FitState(u, f, g, hinv, evaluations=1)
+        if callback is not None:
+            callback(state, to_natural(state.u, kinds)[0])
     while not state.converged and state.iteration < max_iter:
         direction = -state.hinv @ state.g
         slope = float(state.g @ direction)

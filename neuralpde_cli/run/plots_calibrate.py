@@ -174,7 +174,8 @@ def plot_profiles(diag: dict[str, np.ndarray], fit: dict[str, Any], path: Path) 
         ax.set_xlim(g[0], g[-1])
         ax.set_title(title, fontsize=8)
     _figure_legend(fig, axes[:len(names)])
-    fig.suptitle("profile log-likelihood (other parameters re-optimized)", fontsize=10)
+    fig.suptitle("profile log-likelihood (the others on the line where they maximize the "
+                 "quadratic model from the observed information)", fontsize=10)
     return _save(fig, path)
 
 

@@ -1,0 +1,516 @@
+"""``neuralpde calibrate data=PATH``: maximum likelihood for an SDE's parameters, the transition
+density being the Fokker–Planck solution from each observation (:mod:`neuralpde_cli.likelihood.pde`).
+
+config → observations + SDE family → baselines (exact where known, Euler, Kessler) → the PDE
+fit (BFGS, checkpointed each iteration) → standard errors, profiles, diagnostics → run
+directory (fit.json, metrics.csv, diagnostics.npz, plots/, summary.json).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from omegaconf import MISSING, DictConfig, OmegaConf
+from torch import Tensor
+
+from neuralpde_cli.data import Observations, read_observations
+from neuralpde_cli.device import resolve_device, resolve_precision
+from neuralpde_cli.errors import UserError, check_choice
+from neuralpde_cli.likelihood import fit as fitting
+from neuralpde_cli.likelihood.pde import PDELikelihoodConfig, TransitionDensity, TransitionSet
+from neuralpde_cli.run.rundir import RunDir, jsonable
+from neuralpde_cli.sdes import (SDEConfig, build_sde, build_sde_with, parameter_constraint,
+                                parameter_names, parameter_values)
+from neuralpde_cli.tasks.common import make_main
+from neuralpde_cli.training.checkpoint import atomic_write
+
+log = logging.getLogger(__name__)
+
+BASELINES = ("exact", "euler", "kessler")
+START_FROM = ("baseline", "config")
+CHECKPOINT_FORMAT = "neuralpde-calibrate-1"
+
+
+@dataclass
+class FitSettings:
+    #: parameters to fit (names as `parameter_names` lists them); empty: all of the kind's
+    params: list[str] = field(default_factory=list)
+    #: approximations fitted beside, each with its own estimates and SEs (exact: OU and CIR)
+    baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    #: baseline: start at the Kessler estimate (else Euler's) and its curvature; config: start
+    #: at the values in equation.sde
+    start_from: str = "baseline"
+    max_iter: int = 100
+    #: stop when the log-likelihood still to gain (Newton decrement) is below this
+    tol: float = 1e-7
+    #: points per profile likelihood (0: none); over ± profile_width standard errors
+    profile_points: int = 9
+    profile_width: float = 3.0
+    #: x₀ bins of the transition-density plot (quantiles of the observed starts)
+    density_bins: int = 3
+    pde: PDELikelihoodConfig = field(default_factory=PDELikelihoodConfig)
+
+
+@dataclass
+class CalibrateConfig:
+    #: observations: a CSV or .npz in the data schema (README § Data sets)
+    data: str = MISSING
+    equation: Any = MISSING
+    ansatz: Any = MISSING
+    optimizer: Any = MISSING
+    fit: FitSettings = field(default_factory=FitSettings)
+    device: Any = MISSING
+    seed: int = 0
+    precision: str = "float64"
+    resume: Any = None
+
+
+def register() -> None:
+    from hydra.core.config_store import ConfigStore
+
+    from neuralpde_cli.config import register_configs
+    register_configs()
+    ConfigStore.instance().store(name="calibrate_schema", node=CalibrateConfig)
+
+
+# --- the problem: data, SDE family, parameters --------------------------------------------------
+class Problem:
+    """What every likelihood of this run shares: the transitions, the parameters being fitted
+    (names, constraints, starting values) and the SDE built from any values of them."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.dim = int(cfg.equation.dim)
+        self.sde_cfg: SDEConfig = OmegaConf.to_object(cfg.equation.sde)
+        self.dtype = resolve_precision(cfg.precision)
+        self.device = resolve_device(cfg.device.name)
+        if self.dtype != torch.float64:
+            raise UserError(f"precision={cfg.precision}: calibration runs in float64 (standard "
+                            "errors come from differences of gradients)")
+        self.obs: Observations = read_observations(cfg.data, dim=self.dim)
+        sde = build_sde(self.sde_cfg, self.dim, self.dtype, self.device)  # checks the config
+        if sde.lower_bound is not None and bool(np.any(self.obs.state <= sde.lower_bound)):
+            row = int(np.argwhere(np.any(self.obs.state <= sde.lower_bound, axis=1))[0, 0])
+            raise UserError(f"{self.obs.where(row)}: the state {self.obs.state[row].tolist()} is "
+                            f"≤ {sde.lower_bound:g}; equation.sde.kind={self.sde_cfg.kind} lives "
+                            "above it")
+        known = parameter_names(self.sde_cfg, self.dim)
+        self.names = list(cfg.fit.params) or known
+        unknown = [n for n in self.names if n not in known]
+        if unknown or len(set(self.names)) != len(self.names):
+            raise UserError(f"fit.params={self.names}: "
+                            + (f"{unknown[0]!r} is not a parameter of equation.sde.kind="
+                               f"{self.sde_cfg.kind} (dim={self.dim}); choose from {known}"
+                               if unknown else "a parameter is named twice"))
+        self.kinds = [parameter_constraint(self.sde_cfg.kind, n, self.dim) for n in self.names]
+        values = parameter_values(self.sde_cfg, self.dim)
+        self.config_start = np.array([values[n] for n in self.names])
+        fitting.check_start([f"equation.sde.{n}" for n in self.names], self.config_start, self.kinds)
+        tr = self.obs.transitions()
+        self.transitions = tr
+        self.tset = TransitionSet.from_arrays(tr.x0, tr.x1, tr.t0, tr.dt, self.dtype, self.device)
+        if self.tset.n < len(self.names) + 1:
+            raise UserError(f"data={cfg.data} has {self.tset.n} transitions; fitting "
+                            f"{len(self.names)} parameters needs more")
+
+    def sde(self, values: dict[str, Tensor]) -> Any:
+        return build_sde_with(self.sde_cfg, self.dim, values, self.dtype, self.device)
+
+    def tensors(self, theta: np.ndarray, grad: bool) -> dict[str, Tensor]:
+        return {n: torch.tensor(float(v), dtype=self.dtype, device=self.device, requires_grad=grad)
+                for n, v in zip(self.names, theta)}
+
+    def objective(self, log_density: Callable[[dict[str, Tensor]], Tensor]) -> fitting.Objective:
+        """θ ↦ (−log L, its gradient by autograd) for a differentiable log-density."""
+        def nll(theta: np.ndarray) -> tuple[float, np.ndarray]:
+            values = self.tensors(theta, True)
+            total = -log_density(values).sum()
+            grads = torch.autograd.grad(total, list(values.values()), allow_unused=True)
+            return float(total.detach()), np.array([0.0 if g is None else float(g) for g in grads])
+        return nll
+
+
+# --- baselines ---------------------------------------------------------------------------------
+def _baselines(problem: Problem) -> dict[str, dict[str, Any]]:
+    """Every requested baseline that applies: estimates, SEs, log-likelihood, time."""
+    from neuralpde_cli.likelihood.gaussian import euler_log_density, kessler_log_density
+    from neuralpde_cli.references.transitions import EXACT, exact_mle
+
+    tr, ts, out = problem.transitions, problem.tset, {}
+    for name in problem.cfg.fit.baselines:
+        start = time.perf_counter()
+        if name == "exact":
+            kind = problem.sde_cfg.kind
+            exact_names = list(EXACT[kind][1]) if kind in EXACT else []
+            if problem.dim != 1 or sorted(exact_names) != sorted(problem.names):
+                log.info("baseline exact skipped: known for 1-D %s with all parameters fitted",
+                         "/".join(sorted(EXACT)))
+                continue
+            mapped = dict(zip(exact_names, [dict(zip(problem.names, problem.config_start))[n]
+                                            for n in exact_names]))
+            res = exact_mle(kind, tr.x0[:, 0], tr.x1[:, 0], tr.dt, mapped)
+            est = np.array([res["estimates"][n] for n in problem.names])
+            se = np.array([res["se"][n] for n in problem.names])
+            entry = {"estimates": dict(zip(problem.names, est.tolist())),
+                     "se": dict(zip(problem.names, se.tolist())), "loglik": float(res["loglik"])}
+        else:
+            if name == "kessler" and problem.dim != 1:
+                log.info("baseline kessler skipped: one-dimensional only")
+                continue
+            density = euler_log_density if name == "euler" else kessler_log_density
+            objective = problem.objective(
+                lambda v, f=density: f(problem.sde(v), ts.x0, ts.x1, ts.t0, ts.dt))
+            state = fitting.minimize(objective, problem.config_start, problem.kinds, max_iter=500,
+                                     tol=1e-10)
+            res = fitting.summarize(problem.names, objective, state, problem.kinds)
+            entry = {"estimates": dict(zip(problem.names, res.estimates.tolist())),
+                     "se": dict(zip(problem.names, res.se.tolist())), "loglik": res.loglik,
+                     "converged": res.converged, "hessian": res.hessian.tolist()}
+        entry["wall_time_s"] = time.perf_counter() - start
+        out[name] = entry
+    if "exact" in out:
+        ex = out["exact"]
+        for entry in out.values():
+            entry["distance_se"] = {n: (entry["estimates"][n] - ex["estimates"][n]) / ex["se"][n]
+                                    for n in problem.names}
+    return out
+
+
+def _start(problem: Problem, baselines: dict[str, dict]) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Starting values and inverse Hessian (in the fitter's coordinates) for the PDE fit."""
+    if problem.cfg.fit.start_from == "baseline":  # never the exact MLE: it is the yardstick
+        for name in ("kessler", "euler"):
+            if name in baselines:
+                b = baselines[name]
+                theta = np.array([b["estimates"][n] for n in problem.names])
+                if "hessian" in b:
+                    jac = fitting.to_natural(fitting.to_unconstrained(theta, problem.kinds),
+                                             problem.kinds)[1]
+                    try:
+                        hinv = np.linalg.inv(np.outer(jac, jac) * np.asarray(b["hessian"]))
+                        if np.all(np.linalg.eigvalsh(0.5 * (hinv + hinv.T)) > 0):
+                            return theta, hinv, name
+                    except np.linalg.LinAlgError:
+                        pass
+                return theta, None, name
+    return problem.config_start.copy(), None, "config"
+
+
+# --- the PDE fit, checkpointed -------------------------------------------------------------------
+class FitLog:
+    """metrics.csv rows and checkpoints/last.pt after every iteration; the rows live in the
+    checkpoint too, so a resumed fit rewrites metrics.csv exactly as far as it had got."""
+
+    def __init__(self, run: RunDir, names: list[str]) -> None:
+        self.run, self.names = run, names
+        self.columns = ["iteration", "loglik", "grad_norm", "step_size", "evaluations", *names]
+        self.rows: list[dict[str, float]] = []
+
+    def record(self, state: fitting.FitState, theta: np.ndarray, extra: dict[str, Any]) -> None:
+        self.rows.append({"iteration": state.iteration, "loglik": -state.f,
+                          "grad_norm": float(np.linalg.norm(state.g)), "step_size": state.step,
+                          "evaluations": state.evaluations, **dict(zip(self.names, theta))})
+        self._write_csv()
+        payload = {"format": CHECKPOINT_FORMAT,
+                   "state": {k: torch.as_tensor(v) for k, v in state.arrays().items()},
+                   "rows": torch.tensor([[r[c] for c in self.columns] for r in self.rows],
+                                        dtype=torch.float64),
+                   **{k: torch.as_tensor(v) for k, v in extra.items()}}
+        buffer = io.BytesIO()
+        torch.save(payload, buffer)
+        atomic_write(self.run.checkpoints / "last.pt", lambda h: h.write(buffer.getvalue()))
+
+    def _write_csv(self) -> None:
+        text = io.StringIO()
+        writer = csv.DictWriter(text, fieldnames=self.columns)
+        writer.writeheader()
+        writer.writerows({k: f"{v:.12g}" for k, v in r.items()} for r in self.rows)
+        atomic_write(self.run.metrics_csv, lambda h: h.write(text.getvalue().encode()))
+
+    def load(self) -> dict[str, Any] | None:
+        path = self.run.checkpoints / "last.pt"
+        if not path.is_file():
+            return None
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a torn or foreign file: refuse, never run its code
+            raise UserError(f"{path} is not a readable calibration checkpoint ({exc})") from None
+        if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+            raise UserError(f"{path} is not a calibration checkpoint (format "
+                            f"{payload.get('format') if isinstance(payload, dict) else '?'})")
+        self.rows = [dict(zip(self.columns, map(float, row))) for row in payload["rows"].tolist()]
+        self._write_csv()
+        return payload
+
+
+def _fit_pde(problem: Problem, run: RunDir, start: np.ndarray, hinv0: np.ndarray | None,
+             density: TransitionDensity, resume: bool) -> tuple[fitting.FitResult, dict[str, Any]]:
+    cfg = problem.cfg.fit
+    flog = FitLog(run, problem.names)
+    saved = flog.load() if resume else None
+    state = None
+    if saved is not None:
+        state = fitting.FitState.from_arrays({k: v.numpy() for k, v in saved["state"].items()})
+        density.step_times = saved["step_times"].tolist()
+        log.info("resuming the fit at iteration %d", state.iteration)
+    else:
+        steps = density.freeze_steps(problem.tensors(start, False))
+        log.info("time-march: %d steps to Δt = %.4g, replayed for every θ", steps, density.t_final)
+    objective = problem.objective(lambda v: density.log_density(v))
+    steps_tensor = torch.tensor(density.step_times, dtype=torch.float64)
+    progress = _progress(problem.names)
+
+    def callback(s: fitting.FitState, theta: np.ndarray) -> None:
+        flog.record(s, theta, {"step_times": steps_tensor})
+        progress(s, theta)
+
+    state = fitting.minimize(objective, start, problem.kinds, hinv0=hinv0, max_iter=cfg.max_iter,
+                             tol=cfg.tol, state=state, callback=callback)
+    result = fitting.summarize(problem.names, objective, state, problem.kinds)
+    # the steps were chosen at the start: re-adapt them at the optimum and compare
+    frozen = result.loglik
+    n_steps = density.freeze_steps(problem.tensors(result.estimates, False))
+    with torch.no_grad():
+        readapted = float(density.log_density(problem.tensors(result.estimates, False), False).sum())
+    check = {"steps": n_steps, "loglik_replayed_steps": frozen,
+             "loglik_readapted_steps": readapted}
+    if abs(readapted - frozen) > 1e-3:
+        log.info("steps re-adapted at the optimum moved log L by %.2g: refitting", readapted - frozen)
+        objective = problem.objective(lambda v: density.log_density(v))
+        state = fitting.minimize(objective, result.estimates, problem.kinds,
+                                 hinv0=None, max_iter=cfg.max_iter, tol=cfg.tol)
+        result = fitting.summarize(problem.names, objective, state, problem.kinds)
+    return result, check
+
+
+def _progress(names: list[str]) -> Callable[[fitting.FitState, np.ndarray], None]:
+    def show(state: fitting.FitState, theta: np.ndarray) -> None:
+        values = "  ".join(f"{n}={v:.6g}" for n, v in zip(names, theta))
+        log.info("iteration %d  log L = %.6f  |∇| = %.2e  %s", state.iteration, -state.f,
+                 float(np.linalg.norm(state.g)), values)
+    return show
+
+
+# --- diagnostics ---------------------------------------------------------------------------------
+def _diagnostics(problem: Problem, density: TransitionDensity, result: fitting.FitResult,
+                 baselines: dict[str, dict]) -> dict[str, np.ndarray]:
+    """PIT values, profile likelihoods, and the fitted transition density per x₀ bin."""
+    cfg = problem.cfg.fit
+    theta = result.estimates
+    values = problem.tensors(theta, False)
+    out: dict[str, np.ndarray] = {}
+    with torch.no_grad():
+        states = density.states(values, False)
+        out["pit"] = density.cdf(states, density.data.x1[:, 0]).cpu().numpy()
+    if cfg.profile_points > 0 and np.all(np.isfinite(result.se)):
+        out.update(_profiles(problem, density, result))
+    out.update(_bins(problem, density, values, baselines))
+    return out
+
+
+def _profiles(problem: Problem, density: TransitionDensity,
+              result: fitting.FitResult) -> dict[str, np.ndarray]:
+    """log L along each parameter, the others following the line θ₋ᵢ(θᵢ) on which they
+    maximize the quadratic model of log L (from the observed information): the profile's
+    exact path when log L is quadratic, and close to it near the optimum."""
+    cfg = problem.cfg.fit
+    theta, hess, se = result.estimates, result.hessian, result.se
+    p, m = len(theta), cfg.profile_points
+    grid, loglik = np.empty((p, m)), np.empty((p, m))
+    for i in range(p):
+        offsets = np.linspace(-cfg.profile_width, cfg.profile_width, m) * se[i]
+        if problem.kinds[i] == "positive":  # stay inside the domain
+            offsets = np.maximum(offsets, -0.9 * theta[i])
+        others = [j for j in range(p) if j != i]
+        slope = -np.linalg.solve(hess[np.ix_(others, others)], hess[others, i]) if others else None
+        for k, off in enumerate(offsets):
+            point = theta.copy()
+            point[i] += off
+            if others:
+                point[others] += slope * off
+            grid[i, k] = point[i]
+            with torch.no_grad():
+                loglik[i, k] = float(density.log_density(problem.tensors(point, False), False).sum())
+    return {"profile_names": np.array(problem.names), "profile_grid": grid,
+            "profile_loglik": loglik}
+
+
+def _bins(problem: Problem, density: TransitionDensity, values: dict[str, Tensor],
+          baselines: dict[str, dict]) -> dict[str, np.ndarray]:
+    """For x₀ in each quantile bin: the observed x₁, and the density of x₁ predicted for those
+    starts (the average of their transition densities, so a wide bin is compared fairly)."""
+    from neuralpde_cli.references.transitions import EXACT
+
+    tr = problem.transitions
+    n_bins = max(1, int(problem.cfg.fit.density_bins))
+    x0, x1 = tr.x0[:, 0], tr.x1[:, 0]
+    edges = np.quantile(x0, np.linspace(0, 1, n_bins + 1))
+    dt = float(np.median(tr.dt))
+    spread = float(np.std(x1 - x0)) or 1.0
+    g = 121
+    out = {k: [] for k in ("bin_edges", "bin_dt", "density_x", "density_fit", "density_exact")}
+    bin_x1, bin_index = [], []
+    exact = baselines.get("exact")
+    for b in range(n_bins):
+        inside = (x0 >= edges[b]) & ((x0 < edges[b + 1]) if b < n_bins - 1 else (x0 <= edges[b + 1]))
+        inside &= np.isclose(tr.dt, dt, rtol=1e-6)
+        starts, ends = x0[inside], x1[inside]
+        lo = (ends.min() if ends.size else edges[b]) - 2 * spread
+        hi = (ends.max() if ends.size else edges[b + 1]) + 2 * spread
+        if density.equation.sde.lower_bound is not None:
+            lo = max(lo, density.equation.sde.lower_bound + 1e-9)
+        xs = np.linspace(lo, hi, g)
+        use = starts[:: max(1, starts.size // 64)] if starts.size else np.array([edges[b]])
+        fit_curve = density.predictive_density(values, use, dt, xs)
+        out["density_fit"].append(fit_curve)
+        if exact is not None:
+            kind = problem.sde_cfg.kind
+            fn, names, _ = EXACT[kind]
+            args = [exact["estimates"][n] for n in names]
+            curve = np.mean([np.exp(fn(s, xs, dt, *args)) for s in use], axis=0)
+            out["density_exact"].append(curve)
+        else:
+            out["density_exact"].append(np.full(g, np.nan))
+        out["bin_edges"].append([edges[b], edges[b + 1]])
+        out["bin_dt"].append(dt)
+        out["density_x"].append(xs)
+        bin_x1.append(ends)
+        bin_index.append(np.full(ends.size, b))
+    arrays = {k: np.asarray(v, dtype=float) for k, v in out.items()}
+    arrays["bin_x1"] = np.concatenate(bin_x1) if bin_x1 else np.zeros(0)
+    arrays["bin_index"] = np.concatenate(bin_index).astype(int) if bin_index else np.zeros(0, int)
+    return arrays
+
+
+# --- the task ------------------------------------------------------------------------------------
+def check(cfg: DictConfig) -> None:
+    """Every input check, before anything is written."""
+    check_choice("fit.start_from", cfg.fit.start_from, START_FROM)
+    for name in cfg.fit.baselines:
+        check_choice("fit.baselines", name, BASELINES)
+    if cfg.fit.max_iter < 1 or not cfg.fit.tol > 0 or cfg.fit.profile_points < 0 \
+            or cfg.fit.density_bins < 1 or not cfg.fit.profile_width > 0:
+        raise UserError(f"fit.max_iter={cfg.fit.max_iter} (≥ 1), fit.tol={cfg.fit.tol} (> 0), "
+                        f"fit.profile_points={cfg.fit.profile_points} (≥ 0), fit.profile_width="
+                        f"{cfg.fit.profile_width} (> 0), fit.density_bins={cfg.fit.density_bins} "
+                        "(≥ 1) must be in range")
+    if cfg.ansatz.name != "gmm" or cfg.optimizer.name != "time_march":
+        raise UserError(f"calibrate computes transition densities with ansatz=gmm and "
+                        f"optimizer=time_march; got ansatz={cfg.ansatz.name} "
+                        f"optimizer={cfg.optimizer.name}")
+    if cfg.equation.name != "fokker_planck":
+        raise UserError(f"calibrate fits an SDE: equation=fokker_planck (got {cfg.equation.name})")
+    problem = Problem(cfg)
+    _density(problem)  # the time-march and mixture settings
+
+
+def _density(problem: Problem) -> TransitionDensity:
+    from neuralpde_cli.ansatz.gmm import GMMConfig
+    from neuralpde_cli.solvers.time_march import TimeMarchConfig
+    cfg = problem.cfg
+    mixture: GMMConfig = OmegaConf.to_object(cfg.ansatz)
+    march: TimeMarchConfig = OmegaConf.to_object(cfg.optimizer)
+    return TransitionDensity(problem.sde, problem.tset, mixture, march,
+                             OmegaConf.to_object(cfg.fit.pde))
+
+
+def _true_values(data: str) -> dict[str, float] | None:
+    """The parameters the data were simulated with, when ``data`` sits in a simulate run."""
+    summary = Path(data).expanduser().resolve().parent / "summary.json"
+    try:
+        values = json.loads(summary.read_text()).get("true_values")
+    except (OSError, ValueError):
+        return None
+    return values if isinstance(values, dict) else None
+
+
+def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+    """Fit, diagnose and write the run directory; returns summary.json's content."""
+    from neuralpde_cli.run.plots_calibrate import make_calibration_plots
+
+    begin = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    problem = Problem(cfg)
+    names = problem.names
+    summary: dict[str, Any] = {"status": "running", "command": "calibrate", "data": cfg.data,
+                               "sde": problem.sde_cfg.kind, "parameters": names,
+                               "device": str(problem.device),
+                               "config": OmegaConf.to_container(cfg, resolve=True)}
+    run.write_summary(summary)
+    baselines = _baselines(problem)
+    start, hinv0, start_name = _start(problem, baselines)
+    log.info("PDE fit of %s from the %s estimate %s over %d transitions", names, start_name,
+             np.round(start, 6).tolist(), problem.tset.n)
+    density = _density(problem)
+    t_fit = time.perf_counter()
+    result, step_check = _fit_pde(problem, run, start, hinv0, density, bool(cfg.get("resume")))
+    fit_time = time.perf_counter() - t_fit
+    diagnostics = _diagnostics(problem, density, result, baselines)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **diagnostics)
+    atomic_write(run.path / "diagnostics.npz", lambda h: h.write(buffer.getvalue()))
+    if "exact" in baselines:
+        ex = baselines["exact"]
+        result.notes["distance_se"] = {n: (e - ex["estimates"][n]) / ex["se"][n]
+                                       for n, e in zip(names, result.estimates)}
+        result.notes["se_ratio"] = {n: s / ex["se"][n] for n, s in zip(names, result.se)}
+    k, n = len(names), problem.tset.n
+    dts = problem.transitions.dt
+    fit_json = {"method": "pde", **result.as_dict(), "aic": 2 * k - 2 * result.loglik,
+                "bic": k * math.log(n) - 2 * result.loglik, "n_transitions": n,
+                "n_paths": int(len(np.unique(problem.obs.path))),
+                "dt": {"min": float(dts.min()), "median": float(np.median(dts)),
+                       "max": float(dts.max())},
+                "start": {"from": start_name, "values": dict(zip(names, start.tolist()))},
+                "time_march": step_check, "fit_time_s": fit_time,
+                "true_values": _true_values(cfg.data), "baselines": baselines,
+                "wall_time_s": time.perf_counter() - begin,
+                "config": OmegaConf.to_container(cfg, resolve=True)}
+    if fit_json["true_values"]:
+        fit_json["true_values"] = {k_: v for k_, v in fit_json["true_values"].items() if k_ in names}
+    text = json.dumps(jsonable(fit_json), indent=2)
+    atomic_write(run.path / "fit.json", lambda h: h.write(text.encode()))
+    metrics = {"loglik": result.loglik, "aic": fit_json["aic"], "bic": fit_json["bic"],
+               **{f"{p}": float(v) for p, v in zip(names, result.estimates)},
+               **{f"se_{p}": float(v) for p, v in zip(names, result.se)}}
+    if "distance_se" in result.notes:
+        metrics["max_distance_exact_se"] = max(abs(v) for v in result.notes["distance_se"].values())
+    summary.update({"status": "completed", "metrics": metrics, "converged": result.converged,
+                    "wall_time_s": time.perf_counter() - begin})
+    run.write_summary(summary)
+    summary["plots"] = [str(p.relative_to(run.path)) for p in make_calibration_plots(run.path)]
+    run.write_summary(summary)
+    _report(names, result, baselines)
+    return summary
+
+
+def _report(names: list[str], result: fitting.FitResult, baselines: dict[str, dict]) -> None:
+    """One table on the console: each method's estimates (SE) and, when exact, distance in SEs."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="estimates (standard error)")
+    table.add_column("method")
+    for n in names:
+        table.add_column(n, justify="right")
+    table.add_column("log L", justify="right")
+    rows = {"pde": {"estimates": dict(zip(names, result.estimates)),
+                    "se": dict(zip(names, result.se)), "loglik": result.loglik}, **baselines}
+    for method, entry in rows.items():
+        table.add_row(method, *[f"{entry['estimates'][n]:.5g} ({entry['se'][n]:.2g})" for n in names],
+                      f"{entry['loglik']:.3f}")
+    Console(stderr=False).print(table)
+
+
+main = make_main("calibrate", calibrate, check, headline=("loglik", "max_distance_exact_se"),
+                 schema=CalibrateConfig, register=register)

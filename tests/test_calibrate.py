@@ -1,0 +1,121 @@
+"""`neuralpde calibrate` through the real CLI, on data drawn here from the exact OU law."""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import read_summary, run_cli
+
+OU = dict(theta=1.0, mean=0.5, sigma=0.7)
+FAST = ["ansatz.components=1", "fit.profile_points=3", "fit.density_bins=2"]
+
+
+def write_ou_csv(path: Path, n: int = 600, dt: float = 0.5, paths: int = 2, seed: int = 0,
+                 extra: str = "") -> Path:
+    """Two paths of the exact OU transition, in the data schema: time, x, path."""
+    rng = np.random.default_rng(seed)
+    a = math.exp(-OU["theta"] * dt)
+    sd = OU["sigma"] * math.sqrt((1 - a * a) / (2 * OU["theta"]))
+    lines = [f"time,x,path{extra and ',' + extra}"]
+    for p in range(paths):
+        x = OU["mean"]
+        for i in range(n // paths + 1):
+            lines.append(f"{i * dt:.6g},{x:.17g},{p}{extra and ',1'}")
+            x = OU["mean"] + (x - OU["mean"]) * a + sd * rng.standard_normal()
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory) -> Path:
+    """One uninterrupted calibrate run (shared by the tests that read it)."""
+    root = tmp_path_factory.mktemp("calibrate")
+    data = write_ou_csv(root / "ou.csv")
+    result = run_cli(["calibrate", f"data={data}", *FAST, "hydra.run.dir=run"], root)
+    assert result.returncode == 0, result.stderr
+    return root / "run"
+
+
+def test_fit_matches_the_exact_mle_in_standard_errors(fitted: Path):
+    fit = json.loads((fitted / "fit.json").read_text())
+    exact = fit["baselines"]["exact"]
+    for name in ("theta", "mean", "sigma"):
+        assert abs(fit["estimates"][name] - exact["estimates"][name]) < 0.05 * exact["se"][name]
+        assert abs(fit["se"][name] / exact["se"][name] - 1) < 0.02
+    # Euler at Δt = 0.5 estimates (1 − e^{−θΔ})/Δ, about 21% below θ: visibly off
+    assert fit["baselines"]["euler"]["estimates"]["theta"] < 0.9 * exact["estimates"]["theta"]
+    assert fit["n_transitions"] == 600 and fit["n_paths"] == 2
+    assert abs(fit["loglik"] - exact["loglik"]) < 0.05
+
+
+def test_run_directory_is_complete_and_loads_safely(fitted: Path):
+    summary = read_summary(fitted)
+    assert summary["status"] == "completed" and summary["converged"]
+    with np.load(fitted / "diagnostics.npz") as d:
+        pit = d["pit"]
+        assert pit.shape == (600,) and 0 < pit.min() and pit.max() < 1
+        # the PIT of the exact law's fit is uniform: Kolmogorov–Smirnov distance small
+        u = np.sort(pit)
+        ks = np.max(np.abs(u - (np.arange(1, u.size + 1) - 0.5) / u.size))
+        assert ks < 1.63 / math.sqrt(u.size)  # the 1% critical value
+        assert d["profile_loglik"].shape == (3, 3)
+        assert np.all(d["profile_loglik"] <= d["profile_loglik"][:, 1:2] + 1e-6)
+    for plot in ("trace", "profiles", "transition", "pit", "estimates"):
+        assert (fitted / "plots" / f"{plot}.png").stat().st_size > 10_000
+    checkpoint = torch.load(fitted / "checkpoints" / "last.pt", weights_only=True)
+    assert checkpoint["format"] == "neuralpde-calibrate-1"
+    header = (fitted / "metrics.csv").read_text().splitlines()[0]
+    assert header.startswith("iteration,loglik,grad_norm")
+
+
+def test_interrupted_fit_resumes_to_the_same_estimates(fitted: Path, tmp_path: Path):
+    data = write_ou_csv(tmp_path / "ou.csv")
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, "-m", "neuralpde_cli.cli", "calibrate",
+                             f"data={data}", *FAST, f"hydra.run.dir={run_dir}"], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoints" / "last.pt").exists() and proc.poll() is None:
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    if proc.returncode == 0:
+        pytest.skip("the fit finished before the interrupt arrived")
+    assert proc.returncode == 130, err
+    assert "resume=" in err
+    resumed = run_cli(["calibrate", f"resume={run_dir}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((run_dir / "fit.json").read_text())["estimates"]
+    b = json.loads((fitted / "fit.json").read_text())["estimates"]
+    for name in a:
+        assert abs(a[name] - b[name]) < 1e-9 * max(1.0, abs(b[name])), name
+
+
+@pytest.mark.parametrize("case,args,needle", [
+    ("missing", ["data=nope.csv"], "nope.csv"),
+    ("dim", ["data=ou.csv", "equation.dim=2"], "dim"),
+    ("param", ["data=ou.csv", "fit.params=[kappa]"], "kappa"),
+    ("start", ["data=ou.csv", "equation.sde.sigma=[[-0.0]]", "fit.start_from=config"], "sigma"),
+    ("cir_negative", ["data=neg.csv", "equation.sde.kind=cir"], "row"),
+    ("baseline", ["data=ou.csv", "fit.baselines=[exact,milstein]"], "milstein"),
+])
+def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, case, args, needle):
+    write_ou_csv(tmp_path / "ou.csv", n=40)
+    write_ou_csv(tmp_path / "neg.csv", n=40)  # OU around 0.5 with σ 0.7 goes below 0
+    result = run_cli(["calibrate", *args, "hydra.run.dir=run"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("neuralpde: error:"), result.stderr
+    assert needle in lines[0]
+    assert not (tmp_path / "run").exists()
