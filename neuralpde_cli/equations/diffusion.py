@@ -21,6 +21,7 @@ heat through at roughly 50× the true rate. For smooth κ both are second order.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -323,6 +324,12 @@ def _load_array(where: str, cfg: FieldConfig) -> np.ndarray:
     arr = np.asarray(arr, dtype=np.float64)
     if not np.isfinite(arr).all():
         raise UserError(f"{where}.path={cfg.path!r} contains NaN or Inf values")
+    layout = "an image: its top row at the top of the domain" if path.suffix.lower() != ".npy" \
+        else "a .npy array indexed [x, y]: first index along x, as solution.npz"
+    logging.getLogger(__name__).info(
+        "%s.path=%s: %d × %d values (x × y) read as %s, values %.4g … %.4g; sampled at the "
+        "domain's corners and evenly between, resampled bilinearly onto each grid",
+        where, cfg.path, arr.shape[0], arr.shape[1], layout, arr.min(), arr.max())
     return arr
 
 
