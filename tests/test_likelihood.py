@@ -15,7 +15,7 @@ import torch
 from neuralpde_cli.ansatz.gmm import GMMConfig
 from neuralpde_cli.likelihood import fit as fitting
 from neuralpde_cli.likelihood.pde import (PDELikelihoodConfig, TransitionDensity, TransitionSet,
-                                          natural_spline, spline_eval)
+                                          spline_weights)
 from neuralpde_cli.references.transitions import cir_log_density, exact_mle, ou_log_density
 from neuralpde_cli.sdes import SDEConfig, build_sde_with
 from neuralpde_cli.solvers.time_march import TimeMarchConfig
@@ -48,14 +48,16 @@ def tensors(**values: float) -> dict[str, torch.Tensor]:
     return {k: torch.tensor(v, dtype=F64, requires_grad=True) for k, v in values.items()}
 
 
-def test_spline_reproduces_cubics_inside_and_is_natural():
+def test_spline_reproduces_lines_inside_and_is_natural():
     nodes = torch.linspace(0.0, 1.0, 9, dtype=F64)
-    values = torch.stack([3 * nodes - 1, nodes ** 2], -1)[None]  # (1, M, 2)
-    second = torch.stack([natural_spline(nodes, v) for v in values])
     x = torch.tensor([0.05, 0.33, 0.5, 0.97], dtype=F64)
-    out = spline_eval(nodes, values, second, x, torch.zeros(4, dtype=torch.long))
-    assert torch.allclose(out[:, 0], 3 * x - 1, atol=1e-13)  # linear: exact
-    assert float((out[:, 1] - x ** 2).abs().max()) < 2e-3  # natural end conditions: O(h²) there
+    w = spline_weights(nodes, x)
+    assert torch.allclose(w @ (3 * nodes - 1), 3 * x - 1, atol=1e-13)  # linear: exact
+    assert float((w @ nodes ** 2 - x ** 2).abs().max()) < 2e-3  # natural end conditions: O(h²)
+    # a cubic inside, away from the natural ends: fourth-order accurate
+    fine = torch.linspace(0.0, 1.0, 65, dtype=F64)
+    mid = torch.tensor([0.4, 0.52], dtype=F64)
+    assert float((spline_weights(fine, mid) @ fine ** 3 - mid ** 3).abs().max()) < 1e-6
 
 
 def test_ou_log_density_matches_exact_with_irregular_dt_and_gradient_is_exact():

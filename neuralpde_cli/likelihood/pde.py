@@ -4,11 +4,13 @@ maximum likelihood.
 One batched time-march of a Gaussian mixture (:class:`~neuralpde_cli.solvers.time_march.TimeMarcher`)
 per θ covers every transition of a data set:
 
-* **Amortized over start points.** In 1-D the march runs from ``grid`` start points spread over
-  the observed x₀ (one node beyond each end) and each transition reads its mixture state from a
-  natural cubic spline in x₀. The mixture's parameters are smooth in x₀ (exactly linear for
-  OU, where the spline is exact), so the cost no longer grows with the number of transitions.
-  In d > 1, or with ``grid=0``, every distinct start point is marched itself.
+* **Amortized over start points.** The march runs from a grid of start points spread over the
+  observed x₀ (one node beyond each end of every axis) and each transition reads its mixture
+  state from a tensor-product natural cubic spline in x₀. The mixture's parameters are smooth
+  in x₀ (exactly affine for OU, where the spline is exact), so the cost no longer grows with
+  the number of transitions. Coordinates the coefficients do not depend on (log S in Heston)
+  need no axis: the density is marched at one value and shifted. Time-dependent coefficients,
+  or ``per_start``, march every distinct (x₀, t₀), each member from its own calendar time.
 * **No stiff point-mass start.** A point mass has no density; a narrow Gaussian N(x₀, w²) adds
   w² to the transition's variance. The march instead starts at a short time ε after x₀ from
   the Euler–Maruyama law N(x₀ + μ(x₀)ε, σσᵀ(x₀)ε), whose error in mean and variance is O(ε²)
@@ -65,53 +67,69 @@ class TransitionSet:
         return int(self.x0.shape[1])
 
 
-def natural_spline(nodes: Tensor, values: Tensor) -> Tensor:
-    """Second derivatives (M, ...) of the natural cubic spline through ``values`` (M, ...) at
-    equally spaced ``nodes`` (M,): one small dense solve, differentiable in the values."""
-    m = nodes.shape[0]
-    h = float(nodes[1] - nodes[0])
-    a = torch.zeros(m, m, dtype=values.dtype, device=values.device)
+def spline_matrix(m: int, h: float, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """S (m, m) mapping values at m equally spaced nodes (spacing h) to the second derivatives
+    of their natural cubic spline."""
+    a = torch.zeros(m, m, dtype=dtype, device=device)
+    r = torch.zeros(m, m, dtype=dtype, device=device)
     a[0, 0] = a[-1, -1] = 1.0
-    idx = torch.arange(1, m - 1, device=values.device)
+    idx = torch.arange(1, m - 1, device=device)
     a[idx, idx - 1], a[idx, idx], a[idx, idx + 1] = 1.0, 4.0, 1.0
-    flat = values.reshape(m, -1)
-    rhs = torch.zeros_like(flat)
-    rhs[1:-1] = 6.0 * (flat[2:] - 2.0 * flat[1:-1] + flat[:-2]) / (h * h)
-    return torch.linalg.solve(a, rhs).reshape(values.shape)
+    r[idx, idx - 1], r[idx, idx], r[idx, idx + 1] = 6.0 / h ** 2, -12.0 / h ** 2, 6.0 / h ** 2
+    return torch.linalg.solve(a, r)
 
 
-def spline_eval(nodes: Tensor, values: Tensor, second: Tensor, x: Tensor, which: Tensor) -> Tensor:
-    """The spline of column set ``which`` (n,) at x (n,): values/second are (U, M, c) → (n, c)."""
-    h = nodes[1] - nodes[0]
-    m = nodes.shape[0]
+def spline_weights(nodes: Tensor, x: Tensor) -> Tensor:
+    """W (n, m) with W @ y = the natural cubic spline through (nodes, y) at x (n,): the spline
+    is linear in its values, so a tensor-product spline is one weight row per axis."""
+    m, h = nodes.shape[0], float(nodes[1] - nodes[0])
+    second = spline_matrix(m, h, x.dtype, x.device)
     i = torch.clamp(torch.floor((x.detach() - nodes[0]) / h).long(), 0, m - 2)
     b = ((x - nodes[i]) / h).unsqueeze(-1)
     a = 1.0 - b
-    y0, y1 = values[which, i], values[which, i + 1]
-    s0, s1 = second[which, i], second[which, i + 1]
-    return a * y0 + b * y1 + ((a ** 3 - a) * s0 + (b ** 3 - b) * s1) * (h * h) / 6.0
+    eye = torch.eye(m, dtype=x.dtype, device=x.device)
+    return a * eye[i] + b * eye[i + 1] + ((a ** 3 - a) * second[i]
+                                          + (b ** 3 - b) * second[i + 1]) * (h * h / 6.0)
 
 
 @dataclass
 class PDELikelihoodConfig:
-    """How the transition density is computed (the ``calibrate.pde`` keys)."""
+    """How the transition density is computed (the ``fit.pde`` keys)."""
 
-    #: start points marched in 1-D (spline in x₀); 0: march every distinct start point
-    grid: int = 16
+    #: start-grid nodes per axis (a tensor-product cubic spline in x₀ over the coordinates the
+    #: coefficients depend on); 0: 16 on one axis, 8 per axis on two, 5 on three, and every
+    #: distinct start beyond
+    grid: int = 0
+    #: march every distinct start point (with its start time when time-dependent) instead
+    per_start: bool = False
     #: ε = start_fraction · (shortest Δ): the march starts from the Euler law at time ε
     start_fraction: float = 1e-2
+    #: coefficients that depend on calendar time: each transition is marched from its own
+    #: start time (auto: as the SDE declares; custom callables are taken as time-dependent)
+    time_dependent: str = "auto"
+
+
+AUTO_GRID = {1: 16, 2: 8, 3: 5}
+TIME_DEPENDENT = ("auto", "true", "false")
 
 
 class TransitionDensity:
     """log p(x₁ | x₀; θ) for a fixed set of transitions, as a differentiable function of the
-    SDE's parameter tensors."""
+    SDE's parameter tensors.
+
+    Members of the march: a tensor grid over the coordinates the coefficients depend on
+    (translation-invariant ones, e.g. log S in Heston, are marched at one value and shifted),
+    or, for time-dependent coefficients or with ``per_start``, every distinct (x₀, t₀)."""
 
     def __init__(self, make_sde: Callable[[dict[str, Tensor]], SDE], transitions: TransitionSet,
                  mixture: GMMConfig, march: TimeMarchConfig, cfg: PDELikelihoodConfig) -> None:
         if cfg.grid != 0 and cfg.grid < 4:
-            raise UserError(f"calibrate.pde.grid={cfg.grid} must be 0 (every start point) or ≥ 4")
+            raise UserError(f"fit.pde.grid={cfg.grid} must be 0 (automatic) or ≥ 4 nodes per axis")
         if not 0 < cfg.start_fraction < 0.5:
-            raise UserError(f"calibrate.pde.start_fraction={cfg.start_fraction} must be in (0, 0.5)")
+            raise UserError(f"fit.pde.start_fraction={cfg.start_fraction} must be in (0, 0.5)")
+        if cfg.time_dependent not in TIME_DEPENDENT:
+            raise UserError(f"fit.pde.time_dependent={cfg.time_dependent!r} is unknown; choose "
+                            f"one of {list(TIME_DEPENDENT)}")
         if not bool((transitions.dt > 0).all()):
             raise UserError("every transition needs Δt > 0 (times must increase within a path)")
         self.make_sde, self.data, self.cfg = make_sde, transitions, cfg
@@ -119,19 +137,40 @@ class TransitionDensity:
         self.march_cfg = march
         self.marcher = TimeMarcher(self.march_cfg)
         tr = transitions
+        probe = make_sde({})
+        self.time_dependent = cfg.time_dependent == "true" or (
+            cfg.time_dependent == "auto" and not probe.autonomous)
         self.eps = cfg.start_fraction * float(tr.dt.min())
         # the distinct march horizons: Δ − ε for each distinct Δ (regular data: one)
         self.horizons, self.which = torch.unique(tr.dt - self.eps, return_inverse=True)
         self.t_final = float(self.horizons.max())
-        self.use_grid = tr.dim == 1 and cfg.grid > 0
+        invariant = tuple(getattr(probe, "invariant_dims", ()))
+        self.free = [i for i in range(tr.dim) if i not in invariant]
+        self.invariant = list(invariant)
+        nodes_per_axis = cfg.grid or AUTO_GRID.get(len(self.free), 0)
+        self.use_grid = not (cfg.per_start or self.time_dependent) and (
+            nodes_per_axis > 0 or not self.free)
+        self.reference = tr.x0.median(0).values  # invariant coordinates are marched here
+        self.offsets = None
         if self.use_grid:
-            lo, hi = float(tr.x0.min()), float(tr.x0.max())
-            span = max(hi - lo, 1e-3 * max(1.0, abs(hi)))
-            h = span / (cfg.grid - 3)
-            self.starts = torch.linspace(lo - h, hi + h, cfg.grid, dtype=tr.x0.dtype,
-                                         device=tr.x0.device).unsqueeze(-1)
+            self.nodes = []
+            for i in self.free:
+                lo, hi = float(tr.x0[:, i].min()), float(tr.x0[:, i].max())
+                span = max(hi - lo, 1e-3 * max(1.0, abs(hi)))
+                h = span / (nodes_per_axis - 3)
+                self.nodes.append(torch.linspace(lo - h, hi + h, nodes_per_axis, dtype=tr.x0.dtype,
+                                                 device=tr.x0.device))
+            mesh = torch.meshgrid(*self.nodes, indexing="ij") if self.nodes else []
+            count = int(np.prod([len(n) for n in self.nodes])) if self.nodes else 1
+            self.starts = self.reference.expand(count, tr.dim).clone()
+            for axis, i in enumerate(self.free):
+                self.starts[:, i] = mesh[axis].reshape(-1)
         else:
-            self.starts, self.start_of = torch.unique(tr.x0, dim=0, return_inverse=True)
+            keys = torch.cat([tr.x0, tr.t0.unsqueeze(-1)], 1) if self.time_dependent else tr.x0
+            unique, self.start_of = torch.unique(keys, dim=0, return_inverse=True)
+            self.starts = unique[:, :tr.dim].contiguous()
+            if self.time_dependent:
+                self.offsets = unique[:, tr.dim].contiguous()
         self.step_times: list[float] | None = None
         eye = np.eye(tr.dim).tolist()  # a placeholder SDE; each evaluation swaps in its own
         eq_cfg = FokkerPlanckConfig(dim=tr.dim, t_final=self.t_final, initial="gaussian",
@@ -140,6 +179,11 @@ class TransitionDensity:
         self.equation = FokkerPlanck(eq_cfg, tr.x0.dtype, tr.x0.device)
         self.ansatz = GaussianMixtureAnsatz.for_equation(mixture, self.equation)
         self.layout: MixtureLayout = self.ansatz.layout
+
+    @property
+    def members(self) -> int:
+        """Start points in one march."""
+        return int(self.starts.shape[0])
 
     def _equation(self, values: dict[str, Tensor]) -> FokkerPlanck:
         sde = self.make_sde(values)
@@ -151,20 +195,24 @@ class TransitionDensity:
         """Mean and Cholesky factor (B, d), (B, d, d) of the Euler law at time ε after each start."""
         x0, eps = self.starts, self.eps
         t = torch.zeros(x0.shape[0], dtype=x0.dtype, device=x0.device)
+        if self.offsets is not None:
+            t = t + self.offsets
         s = sde.diffusion_sqrt(t, x0)
         s = s.expand(x0.shape[0], *s.shape[-2:]) if s.dim() == 2 else s
         cov = 2.0 * eps * (s @ s.transpose(-1, -2))
-        if self.data.dim == 1 and bool((cov <= 0).any()):
-            raise UserError("the diffusion coefficient vanishes at a start point "
-                            f"(x0 = {float(x0[cov.reshape(-1) <= 0][0]):g}); the transition "
-                            "density from there is not a density")
-        return x0 + eps * sde.drift(t, x0), torch.linalg.cholesky(cov)
+        chol, info = torch.linalg.cholesky_ex(cov)
+        if bool((info != 0).any()):
+            bad = x0[int(torch.nonzero(info)[0, 0])].tolist()
+            raise UserError(f"the diffusion matrix is singular at the start point x0 = {bad}; "
+                            "the transition density from there is not a density")
+        return x0 + eps * sde.drift(t, x0), chol
 
     def _march(self, values: dict[str, Tensor], differentiable: bool):
         eq = self._equation(values)
         mean0, chol0 = self._start_law(eq.sde)
         return self.marcher.run(eq, self.ansatz, x0_batch=mean0, initial_chol=chol0,
-                                step_times=self.step_times, differentiable=differentiable)
+                                step_times=self.step_times, differentiable=differentiable,
+                                time_offsets=self.offsets)
 
     def freeze_steps(self, values: dict[str, Tensor]) -> int:
         """Choose the step times adaptively at ``values`` and replay them from now on."""
@@ -177,15 +225,29 @@ class TransitionDensity:
     def states(self, values: dict[str, Tensor], differentiable: bool = True) -> Tensor:
         """The mixture state (n, size) of each transition's density at its own Δ."""
         marched = self._march(values, differentiable).ansatz
-        n_h, n_s = self.horizons.shape[0], self.starts.shape[0]
+        n_h, n_s = self.horizons.shape[0], self.members
         t = self.horizons.repeat_interleave(n_s)
         index = torch.arange(n_s, device=t.device).repeat(n_h)
         state = self._state_at(marched, t, index).reshape(n_h, n_s, -1)
-        if self.use_grid:
-            nodes = self.starts[:, 0]
-            second = torch.stack([natural_spline(nodes, s) for s in state])
-            return spline_eval(nodes, state, second, self.data.x0[:, 0], self.which)
-        return state[self.which, self.start_of]
+        if not self.use_grid:
+            return state[self.which, self.start_of]
+        x0 = self.data.x0
+        weights = [spline_weights(nodes, x0[:, i]) for nodes, i in zip(self.nodes, self.free)]
+        grid_shape = [len(n) for n in self.nodes]
+        out = state.new_empty(x0.shape[0], state.shape[-1])
+        letters = "abcdefgh"[:len(grid_shape)]
+        for u in range(n_h):
+            rows = self.which == u
+            values_u = state[u].reshape(*grid_shape, -1)
+            spec = ",".join(f"n{c}" for c in letters) + f",{letters}z->nz"
+            out[rows] = torch.einsum(spec, *[w[rows] for w in weights], values_u) \
+                if grid_shape else values_u.expand(int(rows.sum()), -1)
+        if self.invariant:  # shift the means along the translation-invariant coordinates
+            logits, means, entries = self.layout.unpack(out)
+            shift = torch.zeros_like(x0)
+            shift[:, self.invariant] = x0[:, self.invariant] - self.reference[self.invariant]
+            out = self.layout.pack(logits, means + shift.unsqueeze(1), entries)
+        return out
 
     @staticmethod
     def _state_at(marched, t: Tensor, member: Tensor) -> Tensor:
@@ -221,7 +283,7 @@ class TransitionDensity:
         probe = TransitionSet(starts.reshape(-1, 1), starts.reshape(-1, 1),
                               torch.zeros_like(starts), torch.full_like(starts, dt))
         other = TransitionDensity(self.make_sde, probe, self.mixture, self.march_cfg,
-                                  replace(self.cfg, grid=0))
+                                  replace(self.cfg, per_start=True))
         grid = torch.as_tensor(np.asarray(x, float), dtype=ref.dtype, device=ref.device)
         with torch.no_grad():
             state = other.states({k: v.detach() for k, v in values.items()}, False)

@@ -208,8 +208,9 @@ class _GalerkinField:
 
     def __init__(self, cfg: TimeMarchConfig, equation: DensityEquation, layout: MixtureLayout,
                  z: Tensor, weights: Tensor, solver: str,
-                 params: dict[str, Tensor] | None = None) -> None:
+                 params: dict[str, Tensor] | None = None, offsets: Tensor | None = None) -> None:
         self.cfg, self.equation, self.layout, self.z, self.weights = cfg, equation, layout, z, weights
+        self.offsets = offsets
         self.solve = self._dense if solver == "dense" else self._cg
         self.residual = 0.0
         self.rhs = _RightHandSide(equation, layout)
@@ -219,17 +220,20 @@ class _GalerkinField:
         """(rhs)/p at x (B, M, d): one call for shared coefficients, or vmapped over the
         batch with each member's equation parameters swapped in."""
         b, m, d = x.shape
+        member_t = torch.full((b,), t, dtype=x.dtype, device=x.device)
+        if self.offsets is not None:
+            member_t = member_t + self.offsets
         if not self.params:
-            tt = torch.full((b * m,), t, dtype=x.dtype, device=x.device)
+            tt = member_t.repeat_interleave(m)
             return self.rhs(tt, x.reshape(-1, d), ev).reshape(b, m)
-        tt = torch.full((m,), t, dtype=x.dtype, device=x.device)
 
-        def one(params: dict[str, Tensor], xb: Tensor, evb: MixtureEval) -> Tensor:
+        def one(params: dict[str, Tensor], tb: Tensor, xb: Tensor, evb: MixtureEval) -> Tensor:
             single = MixtureEval(*(a.unsqueeze(0) for a in evb))
-            return torch.func.functional_call(self.rhs, params, (tt, xb, single), strict=False)
+            return torch.func.functional_call(self.rhs, params, (tb.expand(m), xb, single),
+                                              strict=False)
 
         try:
-            return torch.func.vmap(one)(self.params, x, ev)
+            return torch.func.vmap(one)(self.params, member_t, x, ev)
         except RuntimeError as exc:
             raise UserError("a batch over equation parameters needs coefficients that torch.func "
                             "can batch (closed-form divergences; no autograd inside): "
@@ -331,7 +335,8 @@ class TimeMarcher:
             param_batch: dict[str, Tensor] | None = None,
             initial_chol: Tensor | None = None,
             step_times: list[float] | None = None,
-            differentiable: bool = False) -> MarchResult:
+            differentiable: bool = False,
+            time_offsets: Tensor | None = None) -> MarchResult:
         """March p from N(x₀, Σ₀) for each row of ``x0_batch`` (B, d) (default: the equation's
         initial mean) and, with ``param_batch``, each member's own equation parameters
         ({buffer name: (B, *shape)}, e.g. ``{"sde.sigma": (B, d, d)}``), all in one march;
@@ -345,7 +350,9 @@ class TimeMarcher:
         own starting Cholesky factor (a short-time Gaussian instead of one shared point width);
         ``step_times`` replays a given list of step end times (no error control), so that the
         result is a smooth function of the equation's parameters; ``differentiable`` keeps the
-        autograd graph (gradients in any equation tensor that requires grad)."""
+        autograd graph (gradients in any equation tensor that requires grad);
+        ``time_offsets`` (B,) starts member b at calendar time t₀ᵦ: its coefficients are
+        evaluated at t₀ᵦ + t (time-dependent SDEs, transitions started at their own times)."""
         if not isinstance(ansatz, GaussianMixtureAnsatz):
             raise UserError(f"optimizer=time_march marches a Gaussian mixture; got "
                             f"{type(ansatz).__name__} (use ansatz=gmm)")
@@ -380,7 +387,8 @@ class TimeMarcher:
         if solver == "dense" and bool((weights < 0).any()):
             raise UserError(f"optimizer.quadrature={rule} has negative weights in d={d}; "
                             "use it with optimizer.linear_solver=cg")
-        field_ = _GalerkinField(cfg, equation, lay, z, weights, solver, params)
+        offsets = None if time_offsets is None else time_offsets.to(ref).expand(batch)
+        field_ = _GalerkinField(cfg, equation, lay, z, weights, solver, params, offsets)
         with torch.set_grad_enabled(differentiable):
             times, coeffs, history = self._integrate(field_, state, equation.t_final,
                                                      progress_callback, step_times)
