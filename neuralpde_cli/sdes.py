@@ -29,7 +29,8 @@ from torch import Tensor
 
 from neuralpde_cli.errors import UserError, check_choice
 
-KINDS = ("ou", "brownian", "double_well", "double_well_2d", "cir", "cev", "gbm", "custom")
+KINDS = ("ou", "brownian", "double_well", "double_well_2d", "cir", "cev", "gbm", "heston",
+         "custom")
 
 
 @dataclass
@@ -61,6 +62,10 @@ class SDEConfig:
     cubic: float = 1.0
     #: double_well_2d coupling c
     coupling: float = 0.5
+    #: heston: state (log S, V), d log S = (mu − V/2)dt + √V dW₁, dV = rate·(level − V)dt +
+    #: noise·√V dW₂, corr(dW₁, dW₂) = rho (κ = rate, θ = level, ξ = noise, as for CIR)
+    mu: float = 0.05
+    rho: float = -0.7
     #: custom: "package.module:function" or "path/to/file.py:function" with
     #: f(t (N,), x (N, d)) → μ (N, d)
     drift: Optional[str] = None
@@ -409,6 +414,77 @@ class CEV(StateDependentNoise):
         return self.euler_steps(x0, t0, dt, generator, substep)
 
 
+class Heston(SDE):
+    r"""Heston in (log S, V): μ = (mu − V/2, κ(θ − V)), σ = √V·[[1, 0], [ξρ, ξ√(1 − ρ²)]].
+
+    D = ½V[[1, ξρ], [ξρ, ξ²]] is linear in V, so Σⱼ∂ⱼDᵢⱼ = ½(ξρ, ξ²) where V > 0 and the second
+    sum vanishes; ∇·μ = −κ. The coefficients do not depend on log S (``invariant_dims``), so a
+    transition density marched from one log S serves every other by a shift. V ≤ 0 is outside
+    the state space: there the noise is taken as zero.
+
+    Transitions (``simulate``): V from its exact non-central χ² law on each sub-step, log S from
+    Broadie and Kaya's conditional law given the V path, log S += (mu − V̄/2)h + ρ/ξ·(V₁ − V₀ −
+    κ(θ − V̄)h) + √((1 − ρ²)V̄h)·Z with V̄ the trapezoidal mean of V over the sub-step: the only
+    discretization is that trapezoid, O(h²) per sub-step.
+    """
+
+    constant_diffusion = False
+    has_exact_transition = False
+    invariant_dims = (0,)
+    #: coordinates that must stay > 0 in data (V)
+    positive_dims = (1,)
+
+    def __init__(self, mu: Tensor, rate: Tensor, level: Tensor, noise: Tensor, rho: Tensor) -> None:
+        super().__init__(2)
+        for name, value in (("mu", mu), ("rate", rate), ("level", level), ("noise", noise),
+                            ("rho", rho)):
+            self.register_buffer(name, value)
+
+    def drift(self, t: Tensor, x: Tensor) -> Tensor:
+        v = x[:, 1]
+        return torch.stack([self.mu - 0.5 * v, self.rate * (self.level - v)], -1)
+
+    def drift_divergence(self, t: Tensor, x: Tensor) -> Tensor:
+        return (-self.rate).expand(x.shape[0])
+
+    def diffusion_sqrt(self, t: Tensor, x: Tensor) -> Tensor:
+        root = torch.sqrt(torch.clamp(x[:, 1], min=0.0) / 2.0)
+        zero = torch.zeros_like(self.rho)
+        shape = torch.stack([torch.stack([torch.ones_like(self.rho), zero]),
+                             torch.stack([self.noise * self.rho,
+                                          self.noise * torch.sqrt(1.0 - self.rho ** 2)])])
+        return root[:, None, None] * shape
+
+    def diffusion_divergences(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        inside = (x[:, 1] > 0).to(x.dtype)
+        div = torch.stack([0.5 * self.noise * self.rho * inside, 0.5 * self.noise ** 2 * inside], -1)
+        return div, torch.zeros_like(inside)
+
+    def project(self, x: Tensor) -> Tensor:
+        return torch.stack([x[:, 0], torch.clamp(x[:, 1], min=0.0)], -1)
+
+    def sample_transition(self, x0: Tensor, t0: Tensor, dt: Tensor,
+                          generator: torch.Generator | None = None,
+                          substep: float = 1e-3) -> Tensor:
+        if substep <= 0:
+            raise UserError(f"the sub-step must be > 0 (got {substep})")
+        steps = torch.where(dt > 0, torch.clamp(torch.ceil(dt / substep - 1e-9), min=1.0),
+                            torch.zeros_like(dt))
+        h = dt / torch.clamp(steps, min=1.0)
+        cir = StateDependentNoise(1, 0.5, self.noise, self.rate, self.level)
+        log_s, v = x0[:, 0].clone(), x0[:, 1:2].clone()
+        for k in range(int(steps.max().item()) if steps.numel() else 0):
+            hk = torch.where(steps > k, h, torch.zeros_like(h))
+            v_new = cir.sample_transition(v, t0, hk, generator)
+            v_bar = 0.5 * (v + v_new)[:, 0]
+            z = _randn((x0.shape[0],), x0, generator)
+            log_s = log_s + (self.mu - 0.5 * v_bar) * hk + self.rho / self.noise * (
+                v_new[:, 0] - v[:, 0] - self.rate * (self.level - v_bar) * hk) \
+                + torch.sqrt((1.0 - self.rho ** 2) * v_bar * hk) * z
+            v = v_new
+        return torch.stack([log_s, v[:, 0]], -1)
+
+
 def _import_module(module_name: str, spec: str, what: str) -> object:
     """A module by file path ("./mydrift.py", "lib/f.py") or by dotted name, the current folder
     searched first for the latter (as ``python script.py`` would; the console script does not)."""
@@ -515,6 +591,7 @@ PARAMETER_KEYS: dict[str, tuple[str, ...]] = {
     "cir": ("rate", "level", "noise"),
     "cev": ("rate", "level", "noise", "gamma"),
     "gbm": ("rate", "noise"),
+    "heston": ("mu", "rate", "level", "noise", "rho"),
     "custom": ("sigma",),  # only without a diffusion callable; the callables have no parameters
 }
 _MATRICES = ("theta", "sigma")
@@ -563,13 +640,16 @@ def parameter_names(cfg: SDEConfig, dim: int) -> list[str]:
 
 
 def parameter_constraint(kind: str, name: str, dim: int) -> str:
-    """"positive" or "real": what each parameter must satisfy for the SDE to be the one named.
+    """"positive", "correlation" (in (−1, 1)) or "real": what each parameter must satisfy for
+    the SDE to be the one named.
 
     Positive: noise, level, γ, cubic, the CIR/CEV rate, 1-D θ (mean reversion) and σ's
     diagonal (σ is the lower Cholesky factor of σσᵀ); everything else is real. Stability of a
     d-dimensional θ is a matrix condition, not an entry-wise one, and is left to the caller.
     """
     key, index = _lookup(kind, name, dim)
+    if key == "rho":
+        return "correlation"
     if key in _POSITIVE or (key == "rate" and kind != "gbm"):
         return "positive"
     if key == "sigma" and index[0] == index[1]:
@@ -627,7 +707,14 @@ def parameter_values(cfg: SDEConfig, dim: int) -> dict[str, float]:
 
 def _check_config_values(cfg: SDEConfig, replaced: set[str]) -> None:
     """The range checks on config values the caller does not replace."""
-    if cfg.kind in ("double_well", "double_well_2d", "cir", "cev", "gbm") and \
+    if cfg.kind == "heston":
+        for key in ("rate", "level"):
+            if key not in replaced and getattr(cfg, key) <= 0:
+                raise UserError(f"equation.sde.{key}={getattr(cfg, key)} must be > 0 for kind=heston")
+        if "rho" not in replaced and not -1 < cfg.rho < 1:
+            raise UserError(f"equation.sde.rho={cfg.rho} must be in (−1, 1) (|ρ| = 1 makes the "
+                            "diffusion singular)")
+    if cfg.kind in ("double_well", "double_well_2d", "cir", "cev", "gbm", "heston") and \
             "noise" not in replaced and cfg.noise <= 0:
         raise UserError(f"equation.sde.noise={cfg.noise} must be > 0")
     if cfg.kind in ("cir", "cev"):
@@ -697,6 +784,11 @@ def _assemble(cfg: SDEConfig, dim: int, p: dict[str, Tensor], dtype: torch.dtype
         return StateDependentNoise(dim, 1.0, p["noise"], p["rate"], None)
     if cfg.kind == "cev":
         return CEV(dim, p["gamma"], p["noise"], p["rate"], p["level"])
+    if cfg.kind == "heston":
+        if dim != 2:
+            raise UserError(f"equation.sde.kind=heston has the state (log S, V): equation.dim=2 "
+                            f"(got {dim})")
+        return Heston(p["mu"], p["rate"], p["level"], p["noise"], p["rho"])
     drift, diffusion = callables
     return CallableSDE(dim, drift, diffusion, p.get("sigma"), (cfg.drift, cfg.diffusion or ""),
                        dtype, device)

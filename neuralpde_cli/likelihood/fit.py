@@ -252,3 +252,11 @@ def summarize(names: list[str], objective: Objective, state: FitState, kinds: li
         corr = cov / np.outer(se, se)
     return FitResult(names, theta, -state.f, hess, se, cov, corr, state.iteration,
                      state.evaluations, state.converged)
+
+
+def sandwich(hessian: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Huber's sandwich H⁻¹(Σₖ sₖsₖᵀ)H⁻¹ from per-transition scores sₖ = ∇ log p(xₖ₊₁ | xₖ)
+    (n, P): standard errors that stay valid when the model's noise is misspecified."""
+    h_inv = np.linalg.inv(hessian)
+    cov = h_inv @ (scores.T @ scores) @ h_inv
+    return cov, np.sqrt(np.clip(np.diag(cov), 0.0, None))

@@ -28,6 +28,8 @@ parameter tensors, so this module knows nothing of which SDE it is fitting.
 
 from __future__ import annotations
 
+import math
+
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -275,18 +277,23 @@ class TransitionDensity:
         return (torch.softmax(logits, -1) * torch.special.ndtr(z)).sum(-1)
 
     def predictive_density(self, values: dict[str, Tensor], x0: np.ndarray, dt: float,
-                           x: np.ndarray) -> np.ndarray:
-        """The density of x₁ over Δ = dt averaged over the starts x0 (m,) (1-D), on a grid x
-        (G,): what a histogram of the x₁ of those starts should look like. One extra march."""
+                           x: np.ndarray, axis: int = 0) -> np.ndarray:
+        """The density of coordinate ``axis`` of x₁ over Δ = dt, averaged over the starts x0
+        (m, d), on a grid x (G,): what a histogram of the x₁ of those starts should look like.
+        One extra march."""
         ref = self.data.x0
         starts = torch.as_tensor(np.asarray(x0, float), dtype=ref.dtype, device=ref.device)
-        probe = TransitionSet(starts.reshape(-1, 1), starts.reshape(-1, 1),
-                              torch.zeros_like(starts), torch.full_like(starts, dt))
+        starts = starts.reshape(-1, ref.shape[1])
+        probe = TransitionSet(starts, starts, torch.zeros_like(starts[:, 0]),
+                              torch.full_like(starts[:, 0], dt))
         other = TransitionDensity(self.make_sde, probe, self.mixture, self.march_cfg,
                                   replace(self.cfg, per_start=True))
         grid = torch.as_tensor(np.asarray(x, float), dtype=ref.dtype, device=ref.device)
         with torch.no_grad():
             state = other.states({k: v.detach() for k, v in values.items()}, False)
-            p = torch.exp(self.layout.evaluate(state, grid.reshape(1, -1, 1).expand(
-                state.shape[0], -1, 1)).log_p)
+            logits, means, entries = self.layout.unpack(state)
+            sd = torch.sqrt((self.layout.chol(entries)[..., axis, :] ** 2).sum(-1))  # (m, K)
+            z = (grid[None, :, None] - means[:, None, :, axis]) / sd[:, None, :]
+            comp = torch.exp(-0.5 * z * z) / (sd[:, None, :] * math.sqrt(2 * math.pi))
+            p = (torch.softmax(logits, -1)[:, None, :] * comp).sum(-1)
         return p.mean(0).cpu().numpy()

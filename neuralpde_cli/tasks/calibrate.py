@@ -104,6 +104,12 @@ class Problem:
             raise UserError(f"{self.obs.where(row)}: the state {self.obs.state[row].tolist()} is "
                             f"≤ {sde.lower_bound:g}; equation.sde.kind={self.sde_cfg.kind} lives "
                             "above it")
+        for axis in getattr(sde, "positive_dims", ()):
+            bad = np.flatnonzero(self.obs.state[:, axis] <= 0)
+            if bad.size:
+                raise UserError(f"{self.obs.where(int(bad[0]))}: "
+                                f"{self.obs.state_names[axis]}={self.obs.state[bad[0], axis]:g} must "
+                                f"be > 0 for equation.sde.kind={self.sde_cfg.kind}")
         known = parameter_names(self.sde_cfg, self.dim)
         self.names = list(cfg.fit.params) or known
         unknown = [n for n in self.names if n not in known]
@@ -149,7 +155,9 @@ def _baselines(problem: Problem) -> dict[str, dict[str, Any]]:
     tr, ts, out = problem.transitions, problem.tset, {}
     for name in problem.cfg.fit.baselines:
         start = time.perf_counter()
-        if name == "exact":
+        if name == "exact" and problem.dim > 1 and problem.sde_cfg.kind == "ou":
+            entry = _exact_ou_nd(problem)
+        elif name == "exact":
             kind = problem.sde_cfg.kind
             exact_names = list(EXACT[kind][1]) if kind in EXACT else []
             if problem.dim != 1 or sorted(exact_names) != sorted(problem.names):
@@ -184,6 +192,37 @@ def _baselines(problem: Problem) -> dict[str, dict[str, Any]]:
             entry["distance_se"] = {n: (entry["estimates"][n] - ex["estimates"][n]) / ex["se"][n]
                                     for n in problem.names}
     return out
+
+
+def _exact_ou_nd(problem: Problem) -> dict[str, Any]:
+    """The exact MLE of a d-dimensional OU: the Gaussian transition with its covariance from
+    the matrix exponential (references.transitions), maximized by the same BFGS."""
+    from neuralpde_cli.references.transitions import ou_log_density
+
+    tr, d = problem.transitions, problem.dim
+    base = parameter_values(problem.sde_cfg, d)
+
+    def matrices(theta: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        values = {**base, **dict(zip(problem.names, theta))}
+        th = np.array([[values[f"theta[{i}][{j}]"] for j in range(d)] for i in range(d)])
+        mean = np.array([values[f"mean[{i}]"] for i in range(d)])
+        sig = np.array([[values[f"sigma[{i}][{j}]"] if j <= i else 0.0 for j in range(d)]
+                        for i in range(d)])
+        return th, mean, sig
+
+    def nll(theta: np.ndarray) -> tuple[float, None]:
+        try:
+            value = -float(np.sum(ou_log_density(tr.x0, tr.x1, tr.dt, *matrices(theta))))
+        except (np.linalg.LinAlgError, ValueError, FloatingPointError):
+            return math.inf, None
+        return (value if math.isfinite(value) else math.inf), None
+
+    objective = fitting.numeric_gradient(nll)
+    state = fitting.minimize(objective, problem.config_start, problem.kinds, max_iter=500, tol=1e-10)
+    res = fitting.summarize(problem.names, objective, state, problem.kinds)
+    return {"estimates": dict(zip(problem.names, res.estimates.tolist())),
+            "se": dict(zip(problem.names, res.se.tolist())), "loglik": res.loglik,
+            "converged": res.converged}
 
 
 def _start(problem: Problem, baselines: dict[str, dict]) -> tuple[np.ndarray, np.ndarray | None, str]:
@@ -302,6 +341,47 @@ def _progress(names: list[str]) -> Callable[[fitting.FitState, np.ndarray], None
 
 
 # --- diagnostics ---------------------------------------------------------------------------------
+def _robust(problem: Problem, density: TransitionDensity, result: fitting.FitResult) -> dict:
+    """Sandwich standard errors (per-transition scores by central differences on the replayed
+    steps), and the well-posedness figures users check: Feller's ratio 2κθ/ξ² (CIR, Heston;
+    reported, not imposed) and the slowest decay rate of an OU drift matrix."""
+    theta = result.estimates
+    scores = np.empty((problem.tset.n, len(theta)))
+    for i in range(len(theta)):
+        h = 1e-5 * max(abs(theta[i]), 1e-3)
+        if problem.kinds[i] == "positive":
+            h = min(h, 0.5 * theta[i])
+        if problem.kinds[i] == "correlation":
+            h = min(h, 0.5 * (1 - abs(theta[i])))
+        lp = []
+        for sign in (1.0, -1.0):
+            point = theta.copy()
+            point[i] += sign * h
+            with torch.no_grad():
+                lp.append(density.log_density(problem.tensors(point, False), False).cpu().numpy())
+        scores[:, i] = (lp[0] - lp[1]) / (2 * h)
+    out: dict[str, Any] = {}
+    try:
+        cov, se = fitting.sandwich(result.hessian, scores)
+        out["se_sandwich"] = dict(zip(problem.names, se.tolist()))
+        out["covariance_sandwich"] = cov.tolist()
+    except np.linalg.LinAlgError:
+        out["se_sandwich"] = None
+    values = {**parameter_values(problem.sde_cfg, problem.dim), **dict(zip(problem.names, theta))}
+    if problem.sde_cfg.kind in ("cir", "heston"):
+        ratio = 2 * values["rate"] * values["level"] / values["noise"] ** 2
+        out["feller"] = {"ratio": float(ratio), "satisfied": bool(ratio >= 1.0),
+                         "note": "2κθ/ξ² ≥ 1 keeps the variance process off zero; reported, not imposed"}
+    if problem.sde_cfg.kind == "ou":
+        d = problem.dim
+        th = np.array([[values["theta" if d == 1 else f"theta[{i}][{j}]"] for j in range(d)]
+                       for i in range(d)])
+        out["theta_slowest_decay"] = float(np.linalg.eigvals(th).real.min())
+        out["stationary"] = bool(out["theta_slowest_decay"] > 0)
+    return out
+
+
+
 def _diagnostics(problem: Problem, density: TransitionDensity, result: fitting.FitResult,
                  baselines: dict[str, dict]) -> dict[str, np.ndarray]:
     """PIT values, profile likelihoods, and the fitted transition density per x₀ bin."""
@@ -364,20 +444,21 @@ def _bins(problem: Problem, density: TransitionDensity, values: dict[str, Tensor
     for b in range(n_bins):
         inside = (x0 >= edges[b]) & ((x0 < edges[b + 1]) if b < n_bins - 1 else (x0 <= edges[b + 1]))
         inside &= np.isclose(tr.dt, dt, rtol=1e-6)
-        starts, ends = x0[inside], x1[inside]
+        ends = x1[inside]
         lo = (ends.min() if ends.size else edges[b]) - 2 * spread
         hi = (ends.max() if ends.size else edges[b + 1]) + 2 * spread
         if density.equation.sde.lower_bound is not None:
             lo = max(lo, density.equation.sde.lower_bound + 1e-9)
         xs = np.linspace(lo, hi, g)
-        use = starts[:: max(1, starts.size // 64)] if starts.size else np.array([edges[b]])
+        rows = np.flatnonzero(inside)[:: max(1, int(inside.sum()) // 64)]
+        use = tr.x0[rows] if rows.size else tr.x0[:1]
         fit_curve = density.predictive_density(values, use, dt, xs)
         out["density_fit"].append(fit_curve)
-        if exact is not None:
+        if exact is not None and problem.dim == 1:
             kind = problem.sde_cfg.kind
             fn, names, _ = EXACT[kind]
             args = [exact["estimates"][n] for n in names]
-            curve = np.mean([np.exp(fn(s, xs, dt, *args)) for s in use], axis=0)
+            curve = np.mean([np.exp(fn(s, xs, dt, *args)) for s in use[:, 0]], axis=0)
             out["density_exact"].append(curve)
         else:
             out["density_exact"].append(np.full(g, np.nan))
@@ -456,6 +537,7 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     result, step_check = _fit_pde(problem, run, start, hinv0, density, bool(cfg.get("resume")))
     fit_time = time.perf_counter() - t_fit
     diagnostics = _diagnostics(problem, density, result, baselines)
+    result.notes.update(_robust(problem, density, result))
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **diagnostics)
     atomic_write(run.path / "diagnostics.npz", lambda h: h.write(buffer.getvalue()))
