@@ -1,0 +1,1 @@
+"""Learned dynamics: the neural SDE, the neural jump diffusion and the neural reaction–diffusion system."""
