@@ -52,10 +52,43 @@ class SolveConfig:
     resume: Optional[str] = None
 
 
+@dataclass
+class SimulateSettings:
+    #: independent paths, all from the same start
+    paths: int = 1
+    #: observations per path after its start: each path has observations + 1 rows and as many
+    #: transitions as observations
+    observations: int = 1000
+    #: time between observations (the mean when irregular)
+    dt: float = 0.1
+    #: none: every step is dt; exponential: steps ~ Exp(mean dt) (Poisson sampling times);
+    #: uniform: steps ~ U[(1 − jitter)·dt, (1 + jitter)·dt]
+    irregular: str = "none"
+    jitter: float = 0.5
+    #: kinds without an exact law: Euler–Maruyama with each step split into ⌈Δt/substep⌉
+    #: equal sub-steps
+    substep: float = 1e-3
+    #: time of each path's first observation
+    t0: float = 0.0
+    #: time simulated before the first observation and discarded (0: start exactly at
+    #: equation.initial_mean)
+    burn_in: float = 0.0
+
+
+@dataclass
+class SimulateConfig:
+    equation: Any = MISSING
+    simulate: SimulateSettings = field(default_factory=SimulateSettings)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
+    seed: int = 0
+    precision: str = "float64"
+
+
 def register_configs() -> None:
     """Store the root schema and one schema per group option (idempotent)."""
     cs = ConfigStore.instance()
     cs.store(name="solve_schema", node=SolveConfig)
+    cs.store(name="simulate_schema", node=SimulateConfig)
     for group, options in GROUPS.items():
         for name, option in options.items():
             cs.store(name=f"schema_{group}_{name}", node=option.config_class)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -126,3 +127,106 @@ def test_round_trip_several_paths_irregular_steps(tmp_path: Path) -> None:
     assert (tmp_path / "one.csv").read_text().splitlines()[0] == "time,x"
     with pytest.raises(UserError, match="line 4, column x"):
         read_observations(_csv(tmp_path, "time,x\n\n0,1\n1,nan\n"))
+
+
+# --- `neuralpde simulate` end to end ------------------------------------------------------------
+def test_simulate_ou_writes_the_schema_and_the_exact_law(cli, tmp_path: Path) -> None:
+    """1-D OU, 4 paths × 400 exact steps of Δt = 0.5 from the stationary mean: read back
+    through the schema, and each transition standardized by the exact law is N(0, 1)."""
+    out = cli("simulate", "simulate.paths=4", "simulate.observations=400", "simulate.dt=0.5",
+              "equation.sde.sigma=[[0.4]]", "equation.sde.mean=[0.3]", "seed=5", "hydra.run.dir=run")
+    assert out.returncode == 0, out.stderr[-2000:]
+    run = tmp_path / "run"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["method"] == "exact"
+    assert summary["true_values"] == {"theta": 1.0, "mean": 0.3, "sigma": 0.4}
+    assert summary["n_transitions"] == 1600 and summary["paths"] == 4
+    assert summary["dt"] == {"min": 0.5, "median": 0.5, "max": 0.5}
+    assert (run / "plots" / "paths.png").stat().st_size > 10_000
+    csv_obs, npz_obs = read_observations(run / "data.csv", dim=1), read_observations(run / "data.npz")
+    np.testing.assert_array_equal(csv_obs.state, npz_obs.state)
+    np.testing.assert_array_equal(csv_obs.time, npz_obs.time)
+    assert (run / "data.csv").read_text().splitlines()[0] == "time,x,path"
+    assert csv_obs.n_paths == 4 and csv_obs.time.shape == (1604,)
+    tr = csv_obs.transitions()
+    assert tr.n == 1600 and np.all(tr.x0[tr.t0 == 0] == 0.3)
+    decay = math.exp(-0.5)
+    z = (tr.x1[:, 0] - 0.3 - (tr.x0[:, 0] - 0.3) * decay) / (0.4 * math.sqrt((1 - decay ** 2) / 2))
+    assert scipy.stats.kstest(z, "norm").pvalue > 1e-3
+    # the same seed gives the same data set
+    again = cli("simulate", "simulate.paths=4", "simulate.observations=400", "simulate.dt=0.5",
+                "equation.sde.sigma=[[0.4]]", "equation.sde.mean=[0.3]", "seed=5", "hydra.run.dir=again")
+    assert again.returncode == 0
+    assert (tmp_path / "again" / "data.csv").read_text() == (run / "data.csv").read_text()
+
+
+def test_simulate_irregular_euler_cev_several_paths(cli, tmp_path: Path) -> None:
+    """CEV has no exact law: Euler sub-steps, exponential steps; summary says so."""
+    out = cli("simulate", "equation.sde.kind=cev", "equation.sde.rate=3", "equation.sde.level=2",
+              "equation.sde.noise=0.2", "equation.sde.gamma=0.5", "simulate.paths=3",
+              "simulate.observations=50", "simulate.dt=0.1", "simulate.irregular=exponential",
+              "simulate.substep=0.01", "hydra.run.dir=run")
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["method"] == "euler" and summary["substep"] == 0.01
+    assert summary["true_values"] == {"rate": 3.0, "level": 2.0, "noise": 0.2, "gamma": 0.5}
+    obs = read_observations(tmp_path / "run" / "data.npz", dim=1)
+    tr = obs.transitions()
+    assert tr.n == 150 and obs.n_paths == 3 and np.all(obs.state > 0)
+    assert tr.dt.min() < 0.5 * tr.dt.max()          # irregular, and the steps' mean is dt
+    assert abs(tr.dt.mean() - 0.1) < 4 * 0.1 / math.sqrt(150)
+    assert np.all(obs.state[obs.time == 0] == 2.0)  # the default start: the level
+
+
+def _config(**simulate):
+    """The composed config of `neuralpde simulate` (1-D OU) with simulate.* values replaced."""
+    from omegaconf import OmegaConf
+
+    from neuralpde_cli.config import SimulateConfig
+    from neuralpde_cli.equations.fokker_planck import FokkerPlanckConfig
+    from neuralpde_cli.sdes import SDEConfig
+    equation = FokkerPlanckConfig(dim=1, sde=SDEConfig(theta=[[1.0]], mean=[0.0], sigma=[[0.5]]))
+    return OmegaConf.merge(OmegaConf.structured(SimulateConfig),
+                           {"equation": OmegaConf.structured(equation), "device": {"name": "cpu"},
+                            "simulate": simulate})
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"dt": -1.0}, r"simulate.dt=-1.0 must be > 0"),
+    ({"substep": 0.0}, r"simulate.substep=0.0 must be > 0"),
+    ({"paths": 0}, r"simulate.paths=0 must be an integer ≥ 1"),
+    ({"observations": 0}, r"simulate.observations=0 must be an integer ≥ 1"),
+    ({"burn_in": -1.0}, r"simulate.burn_in=-1.0 must be ≥ 0"),
+    ({"irregular": "poisson"}, r"simulate.irregular='poisson' is unknown; choose one of \['none'"),
+    ({"irregular": "uniform", "jitter": 1.0}, r"simulate.jitter=1.0 must lie in \[0, 1\)"),
+])
+def test_simulate_checks(values: dict, message: str) -> None:
+    from neuralpde_cli.tasks.simulate import check
+    check(_config())
+    with pytest.raises(UserError, match=message):
+        check(_config(**values))
+
+
+@pytest.mark.parametrize("args, message", [
+    (["simulate.irregular=poisson"], "simulate.irregular='poisson' is unknown"),
+    (["equation.sde.kind=cir", "equation.initial_mean=[-0.5]"], r"equation.initial_mean=\[-0.5\] must lie above 0"),
+    (["equation=heat"], "needs equation=fokker_planck"),
+])
+def test_simulate_bad_input_one_line_nothing_written(cli, tmp_path: Path, args, message) -> None:
+    out = cli("simulate", *args, "hydra.run.dir=run")
+    assert out.returncode == 2, out.stderr[-2000:]
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("neuralpde: error:"), out.stderr
+    assert re.search(message, lines[0]), lines[0]
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_data_through_calibrate_cli(cli, tmp_path: Path) -> None:
+    """The reader's errors reach a user of `calibrate` as one line, exit 2."""
+    (tmp_path / "d.csv").write_text("time,x\n0,0.1\n1,0.2\n1,0.3\n")
+    for data, message in (("missing.csv", "missing.csv: no such file"),
+                          ("d.csv", r"d.csv line 4, column time: 1 is not after 1 \(line 3\)")):
+        out = cli("calibrate", f"data={data}", "hydra.run.dir=run")
+        assert out.returncode == 2, out.stderr[-2000:]
+        lines = [line for line in out.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and re.search(message, lines[0]), out.stderr
