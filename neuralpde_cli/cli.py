@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "solve": ("neuralpde_cli.tasks.solve", "Solve a PDE with an ansatz; writes a run directory."),
     "calibrate": ("neuralpde_cli.tasks.calibrate",
                   "Fit an SDE's parameters to data through its Fokker–Planck transition density."),
+    "simulate": ("neuralpde_cli.tasks.simulate", "Sample an SDE at observation times; writes a data set."),
 }
 
 USAGE = f"""neuralpde {__version__}: differentiable PDE solving from Hydra configs
