@@ -245,6 +245,20 @@ def _groups(groups_dir: str) -> list[str]:
                   and not p.name.startswith(("_", "experiment_options")))
 
 
+_LAUNCHERS = 'pip install "neuralpde[launchers]" (hydra-joblib-launcher, hydra-submitit-launcher)'
+_BROKEN = ("is not supported: its Hydra 1.2/1.3 plugin breaks Hydra's plugin discovery on Python "
+           "3.11 (and every Hydra app with it); search with neuralpde tune instead")
+#: Hydra plugins by the config they provide: what to install, or why not
+PLUGINS = {
+    **{f"hydra/launcher/{name}": _LAUNCHERS
+       for name in ("joblib", "submitit_local", "submitit_slurm")},
+    "hydra/sweeper/optuna": "neuralpde does not use hydra-optuna-sweeper (it pins optuna < 3); "
+                            'use neuralpde tune (pip install "neuralpde[tune]")',
+    "hydra/sweeper/ax": f"the Ax sweeper {_BROKEN}",
+    "hydra/sweeper/nevergrad": f"the Nevergrad sweeper {_BROKEN}",
+}
+
+
 def describe_composition_error(exc: BaseException, args: list[str], groups_dir: str,
                                schema: type | None) -> str:
     """One line for a Hydra composition exception (see the module docstring)."""
@@ -253,6 +267,12 @@ def describe_composition_error(exc: BaseException, args: list[str], groups_dir: 
 
     cause = exc.__cause__ if exc.__cause__ is not None else exc
     message = str(exc)
+    plugin = PLUGINS.get(str(getattr(exc, "missing_cfg_file", None) or ""))
+    if isinstance(exc, MissingConfigException) and plugin is not None:
+        group, _, name = exc.missing_cfg_file.rpartition("/")
+        preset = re.match(r"In '([^']+)/([^'/]+)'", message)
+        via = f"{group}={preset.group(2)} needs " if preset and preset.group(1) == group else ""
+        return f"{via}{group}={name}: not installed here; {plugin}"
     if isinstance(exc, MissingConfigException) and exc.missing_cfg_file and exc.options:
         group, _, name = exc.missing_cfg_file.rpartition("/")
         options = sorted(exc.options)
@@ -300,4 +320,7 @@ def _unknown_key(cause: Any, args: list[str], groups_dir: str) -> str:
     where = parent or "the config"
     close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
     hint = f"did you mean {parent + '.' if parent else ''}{close[0]}? " if close else ""
+    if owner is None or not dataclasses.is_dataclass(owner):  # a free-form dict (sde.params)
+        return (f"{given}: {where} is a dict: add a key with a leading +, e.g. "
+                f"'+{full_key}=1.0' or '+{where}={{{name}: 1.0}}'")
     return f"{given}: unknown key {full_key}; {hint}{where} has {', '.join(sorted(known))}"

@@ -16,13 +16,14 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import math
 import os
 import re
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -71,6 +72,12 @@ class SDEConfig:
     drift: Optional[str] = None
     #: custom: as ``drift``, f(t, x) → σ, (d, r) constant or (N, d, r)
     diffusion: Optional[str] = None
+    #: custom: named scalar parameters, passed as keyword arguments (0-d tensors) to whichever
+    #: of the callables declares them, e.g. {a: 2.0, b: 5.0} for drift(t, x, a, b); calibrate
+    #: can fit them
+    params: dict[str, float] = field(default_factory=dict)
+    #: custom: the parameters that must stay > 0 (fitted as logarithms)
+    positive_params: list[str] = field(default_factory=list)
 
 
 def _like(x: Tensor, generator: torch.Generator | None) -> dict:
@@ -540,10 +547,20 @@ class CallableSDE(SDE):
 
     def __init__(self, dim: int, drift: Callable[..., Tensor], diffusion: Callable[..., Tensor] | None,
                  sigma: Tensor | None, names: tuple[str, str], dtype: torch.dtype,
-                 device: torch.device) -> None:
+                 device: torch.device, params: Mapping[str, Tensor] | None = None) -> None:
         super().__init__(dim)
         self._drift, self._diffusion = drift, diffusion
         self.register_buffer("sigma", sigma)
+        self.param_names = list(params or {})
+        for name, value in (params or {}).items():
+            self.register_buffer(f"param_{name}", value)
+        self._takes = {id(fn): _declared(fn, self.param_names) for fn in (drift, diffusion) if fn}
+        unused = [n for n in self.param_names
+                  if not any(n in taken for taken in self._takes.values())]
+        if unused:
+            raise UserError(f"equation.sde.params names {unused[0]!r}, which neither "
+                            f"{names[0]!r} nor {names[1] or 'a diffusion callable'!r} takes as an "
+                            "argument")
         probe_x = torch.linspace(-1.0, 1.0, 3 * dim, dtype=dtype, device=device).reshape(3, dim) + 1.5
         probe_t = torch.zeros(3, dtype=dtype, device=device)
         mu = self._call(self._drift, names[0], probe_t, probe_x)
@@ -561,10 +578,12 @@ class CallableSDE(SDE):
             else:
                 self.constant_diffusion = False
 
-    @staticmethod
-    def _call(fn: Callable[..., Tensor], name: str, t: Tensor, x: Tensor) -> Tensor:
+    def _kwargs(self, fn: Callable[..., Tensor]) -> dict[str, Tensor]:
+        return {n: getattr(self, f"param_{n}") for n in self._takes.get(id(fn), ())}
+
+    def _call(self, fn: Callable[..., Tensor], name: str, t: Tensor, x: Tensor) -> Tensor:
         try:
-            out = fn(t, x)
+            out = fn(t, x, **self._kwargs(fn))
         except Exception as exc:  # the user's code: report, do not crash with a traceback
             raise UserError(f"equation.sde callable {name!r} failed on probe input t (N,), "
                             f"x (N, d): {type(exc).__name__}: {exc}") from None
@@ -574,11 +593,23 @@ class CallableSDE(SDE):
         return out
 
     def drift(self, t: Tensor, x: Tensor) -> Tensor:
-        return self._drift(t, x)
+        return self._drift(t, x, **self._kwargs(self._drift))
 
     def diffusion_sqrt(self, t: Tensor, x: Tensor) -> Tensor:
-        s = self.sigma if self._diffusion is None else self._diffusion(t, x)
+        s = self.sigma if self._diffusion is None else \
+            self._diffusion(t, x, **self._kwargs(self._diffusion))
         return s / math.sqrt(2.0)
+
+
+def _declared(fn: Callable[..., Any], names: list[str]) -> tuple[str, ...]:
+    """The parameter names ``fn`` accepts as keywords (all of them with ``**kwargs``)."""
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return ()
+    if any(p.kind == p.VAR_KEYWORD for p in sig.parameters.values()):
+        return tuple(names)
+    return tuple(n for n in names if n in sig.parameters)
 
 
 # --- calibratable parameters ------------------------------------------------------------------
@@ -636,10 +667,14 @@ def _lookup(kind: str, name: str, dim: int, has_sigma: bool = True) -> tuple[str
 def parameter_names(cfg: SDEConfig, dim: int) -> list[str]:
     """The kind's calibratable scalars, flat: ``["theta", "mean", "sigma"]`` for 1-D OU,
     ``["theta[0][0]", …, "mean[1]", "sigma[1][1]"]`` (σ's lower triangle) for 2-D."""
-    return list(_names(cfg.kind, dim, has_sigma=not cfg.diffusion))
+    return list(_names(cfg.kind, dim, has_sigma=not cfg.diffusion)) + _custom_names(cfg)
 
 
-def parameter_constraint(kind: str, name: str, dim: int) -> str:
+def _custom_names(cfg: SDEConfig) -> list[str]:
+    return list(cfg.params) if cfg.kind == "custom" else []
+
+
+def parameter_constraint(kind: str, name: str, dim: int, cfg: SDEConfig | None = None) -> str:
     """"positive", "correlation" (in (−1, 1)) or "real": what each parameter must satisfy for
     the SDE to be the one named.
 
@@ -647,6 +682,8 @@ def parameter_constraint(kind: str, name: str, dim: int) -> str:
     diagonal (σ is the lower Cholesky factor of σσᵀ); everything else is real. Stability of a
     d-dimensional θ is a matrix condition, not an entry-wise one, and is left to the caller.
     """
+    if cfg is not None and name in _custom_names(cfg):
+        return "positive" if name in cfg.positive_params else "real"
     key, index = _lookup(kind, name, dim)
     if key == "rho":
         return "correlation"
@@ -702,7 +739,9 @@ def parameter_values(cfg: SDEConfig, dim: int) -> dict[str, float]:
     names = _names(cfg.kind, dim, has_sigma=not cfg.diffusion)
     keys = tuple(dict.fromkeys(key for key, _ in names.values()))
     tensors = _config_tensors(cfg, dim, keys, torch.float64, torch.device("cpu"), as_factor=True)
-    return {name: float(tensors[key][index]) for name, (key, index) in names.items()}
+    return {**{name: float(tensors[key][index]) for name, (key, index) in names.items()},
+            **{name: float(v) for name, v in cfg.params.items()}} if cfg.kind == "custom" else \
+        {name: float(tensors[key][index]) for name, (key, index) in names.items()}
 
 
 def _check_config_values(cfg: SDEConfig, replaced: set[str]) -> None:
@@ -730,6 +769,15 @@ def build_sde_with(cfg: SDEConfig, dim: int, values: Mapping[str, Tensor | float
     0-d tensors, differentiable in them; the caller keeps them within :func:`parameter_constraint`.
     """
     names = _names(cfg.kind, dim, has_sigma=not cfg.diffusion)
+    custom = {n: torch.as_tensor(float(v), dtype=dtype, device=device) for n, v in cfg.params.items()} \
+        if cfg.kind == "custom" else {}
+    bad = [n for n in cfg.positive_params if n not in cfg.params]
+    if bad:
+        raise UserError(f"equation.sde.positive_params names {bad[0]!r}, which is not in "
+                        f"equation.sde.params {sorted(cfg.params)}")
+    values = dict(values)
+    for name in [n for n in values if n in custom]:
+        custom[name] = torch.as_tensor(values.pop(name), dtype=dtype, device=device)
     for name in values:
         _lookup(cfg.kind, name, dim, has_sigma=not cfg.diffusion)
     replaced = {names[name][0] for name in values}
@@ -753,7 +801,7 @@ def build_sde_with(cfg: SDEConfig, dim: int, values: Mapping[str, Tensor | float
             tensors[key] = tensors[key].clone()
             cloned.add(key)
         tensors[key][index] = v
-    return _assemble(cfg, dim, tensors, dtype, device, callables)
+    return _assemble(cfg, dim, tensors, dtype, device, callables, custom)
 
 
 def _custom_callables(cfg: SDEConfig) -> tuple[Callable[..., Tensor], Callable[..., Tensor] | None]:
@@ -765,7 +813,8 @@ def _custom_callables(cfg: SDEConfig) -> tuple[Callable[..., Tensor], Callable[.
 
 
 def _assemble(cfg: SDEConfig, dim: int, p: dict[str, Tensor], dtype: torch.dtype,
-              device: torch.device, callables: tuple | None) -> SDE:
+              device: torch.device, callables: tuple | None,
+              custom: Mapping[str, Tensor] | None = None) -> SDE:
     """The SDE object of ``cfg.kind`` from its parameter tensors."""
     if cfg.kind == "ou":
         return LinearSDE(-p["theta"], p["theta"] @ p["mean"], p["sigma"])
@@ -791,7 +840,7 @@ def _assemble(cfg: SDEConfig, dim: int, p: dict[str, Tensor], dtype: torch.dtype
         return Heston(p["mu"], p["rate"], p["level"], p["noise"], p["rho"])
     drift, diffusion = callables
     return CallableSDE(dim, drift, diffusion, p.get("sigma"), (cfg.drift, cfg.diffusion or ""),
-                       dtype, device)
+                       dtype, device, custom)
 
 
 def build_sde(cfg: SDEConfig, dim: int, dtype: torch.dtype, device: torch.device) -> SDE:

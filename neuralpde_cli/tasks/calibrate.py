@@ -118,7 +118,8 @@ class Problem:
                             + (f"{unknown[0]!r} is not a parameter of equation.sde.kind="
                                f"{self.sde_cfg.kind} (dim={self.dim}); choose from {known}"
                                if unknown else "a parameter is named twice"))
-        self.kinds = [parameter_constraint(self.sde_cfg.kind, n, self.dim) for n in self.names]
+        self.kinds = [parameter_constraint(self.sde_cfg.kind, n, self.dim, self.sde_cfg)
+                      for n in self.names]
         values = parameter_values(self.sde_cfg, self.dim)
         self.config_start = np.array([values[n] for n in self.names])
         fitting.check_start([f"equation.sde.{n}" for n in self.names], self.config_start, self.kinds)
