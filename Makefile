@@ -18,7 +18,7 @@ $(VENV)/.torch: | $(BIN)/python
 
 # a regular (non-editable) install: the configs ship inside the package, as for users
 $(VENV)/.installed: $(VENV)/.torch $(SOURCES)
-	$(BIN)/pip install -q ".[test]"
+	$(BIN)/pip install -q ".[test,launchers,tune,tensorboard]"
 	touch $@
 
 install: $(VENV)/.installed

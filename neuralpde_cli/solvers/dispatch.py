@@ -17,6 +17,7 @@ from neuralpde_cli.ansatz.mlp import MLP
 from neuralpde_cli.equations.base import DensityEquation
 from neuralpde_cli.run.rundir import MetricsWriter, RunDir
 from neuralpde_cli.solvers.gradient import GradientSolver
+from neuralpde_cli.distributed import parameter_digests, rank_seed
 from neuralpde_cli.solvers.multigrid import MultigridSolver
 from neuralpde_cli.solvers.time_march import TimeMarcher
 from neuralpde_cli.training.checkpoint import save_checkpoint
@@ -127,7 +128,7 @@ class _NetworkOnNodes:
 
 def _run_gradient(cfg: DictConfig, equation: Any, ansatz: Any, solver: GradientSolver,
                   run: RunDir, resume_state: dict[str, Any] | None) -> dict[str, Any]:
-    generator = torch.Generator(device="cpu").manual_seed(int(cfg.seed))
+    generator = torch.Generator(device="cpu").manual_seed(rank_seed(int(cfg.seed)))
     trainer_cfg = OmegaConf.to_object(cfg.trainer)
     if isinstance(equation, DensityEquation):
         sampler = CollocationSampler(OmegaConf.to_object(cfg.sampler), equation, ansatz, generator)
@@ -152,4 +153,4 @@ def _run_gradient(cfg: DictConfig, equation: Any, ansatz: Any, solver: GradientS
         metrics = _grid_report(equation, ansatz, run, {})["metrics"]
     return {"metrics": metrics, "steps": trainer.step, "stop_reason": trainer.stop_reason,
             "final_loss": trainer.last_terms.get("loss"),
-            "train_time_s": trainer.elapsed}
+            "train_time_s": trainer.elapsed, **parameter_digests(ansatz)}

@@ -32,6 +32,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import OmegaConfBaseException
 
+from neuralpde_cli import distributed
 from neuralpde_cli.config_errors import coerce_overrides, run_composing
 from neuralpde_cli.errors import UserError
 from neuralpde_cli.registry import GROUPS, option
@@ -155,10 +156,13 @@ class Task:
         cfg = _without_hydra(composed)
         self.check(cfg)
         explicit = "hydra.run.dir" in overrides(args)
-        lock = RunLock.claim(run_dir, unique=not explicit,
-                             what=f"hydra.run.dir={run_dir}" if explicit else "the run directory")
-        out = lock.folder
-        argv = [*args, *extra] + ([] if explicit else [f"hydra.run.dir={out}"])
+        # under torchrun rank 0 takes the directory, the other ranks a scratch folder
+        place = distributed.one_writer(
+            _device_name(cfg), run_dir, explicit,
+            lambda: RunLock.claim(run_dir, unique=not explicit, what=f"hydra.run.dir={run_dir}"
+                                  if explicit else "the run directory"))
+        out, lock = place.folder, place.lock
+        argv = [*args, *extra] + ([] if explicit and out == run_dir else [f"hydra.run.dir={out}"])
         return _Job(self, argv=argv, cfg=cfg, out=out, lock=lock)
 
     def _prepare_multirun(self, args: list[str], extra: list[str]) -> _Job:
@@ -169,6 +173,7 @@ class Task:
         plain = [a for a in args if a.lstrip("+").startswith(("hydra.", "experiment="))
                  and "," not in a]
         composed = self.compose(plain)
+        distributed.check_single("a sweep (-m)")
         if composed is None:
             return _Job(self, argv=[*args, *extra])
         sweep_dir = Path(str(composed.hydra.sweep.dir)).expanduser()
@@ -186,17 +191,19 @@ class Task:
         cfg = self.resumed_config(str(run_dir))
         changes, passthrough = self.resume_changes(cfg, args)
         self.check(cfg)
-        lock = RunLock.acquire(run_dir, what=f"resume={run_dir}")
-        if changes:
+        place = distributed.one_writer(_device_name(cfg), run_dir, True, lambda: RunLock.acquire(
+            run_dir, what=f"resume={run_dir}"), resume=True)  # rank 0 only, under torchrun
+        lock = place.lock
+        if changes and not place.scratch:
             saved = OmegaConf.load(run_dir / ".hydra" / "config.yaml")
             for key, value in changes.items():
                 OmegaConf.update(saved, key, value, merge=False)
             text = OmegaConf.to_yaml(saved)
             atomic_write(run_dir / ".hydra" / "config.yaml", lambda h: h.write(text.encode()))
-        argv = [f"resume={run_dir}", *passthrough, f"hydra.run.dir={run_dir}",
+        argv = [f"resume={run_dir}", *passthrough, f"hydra.run.dir={place.folder}",
                 "hydra.output_subdir=.hydra_resume"]
         applied = [f"{k}={v}" for k, v in changes.items()]
-        return _Job(self, argv=argv, cfg=cfg, out=run_dir, lock=lock, applied=applied)
+        return _Job(self, argv=argv, cfg=cfg, out=place.folder, lock=lock, applied=applied)
 
     def resume_changes(self, cfg: DictConfig, args: list[str]) -> tuple[dict[str, Any], list[str]]:
         """Apply the command line's overrides to the resumed ``cfg``: those that repeat a saved
@@ -287,6 +294,11 @@ def _without_hydra(composed: DictConfig) -> DictConfig:
     with read_write(cfg), open_dict(cfg):
         del cfg["hydra"]
     return cfg
+def _device_name(cfg: DictConfig) -> str:
+    """The config's device (for the process group's backend); CPU for commands without one."""
+    return str(OmegaConf.select(cfg, "device.name", default="cpu"))
+
+
 
 
 @dataclass

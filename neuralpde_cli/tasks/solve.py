@@ -20,6 +20,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import neuralpde_cli
 from neuralpde_cli.config import SolveConfig, register_configs
+from neuralpde_cli import distributed
 from neuralpde_cli.device import resolve_device, resolve_precision
 from neuralpde_cli.errors import UserError
 from neuralpde_cli.registry import GROUPS, implied_choices, option, validate_combination
@@ -27,6 +28,7 @@ from neuralpde_cli.run import plots
 from neuralpde_cli.run.rundir import RunDir
 from neuralpde_cli.tasks.common import config_dir, make_main
 from neuralpde_cli.training.checkpoint import load_checkpoint
+from neuralpde_cli.solvers.gradient import GradientSolver
 
 log = logging.getLogger(__name__)
 
@@ -203,3 +205,5 @@ HEADLINE = ("rel_l2_error", "rel_l2_log_error", "cov_rel_error", "l1_error", "re
 
 main = make_main("solve", solve, validate, HEADLINE, schema=SolveConfig,
                  pre_compose=pre_compose, register=register_configs)
+        **distributed.summary_fields(),  # world_size (torchrun), host, pid
+        distributed.check_solver(solver, GradientSolver)

@@ -18,6 +18,7 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from neuralpde_cli.distributed import DataParallel
 from neuralpde_cli.errors import UserError
 from neuralpde_cli.run.rundir import MetricsWriter, RunDir
 from neuralpde_cli.training.checkpoint import describe, load_checkpoint, save_checkpoint
@@ -167,6 +168,7 @@ class Trainer:
     # --- optimizers -----------------------------------------------------------------------
     @property
     def phase(self) -> Phase:
+        self.parallel = DataParallel(model)  # several ranks (torchrun): DDP; else a no-op
         return self.phases[self.phase_index]
 
     def _build_optimizer(self) -> None:
@@ -204,6 +206,9 @@ class Trainer:
         return total, terms
 
     def _residual(self) -> Residual:
+        return self.parallel.loss(self._local_loss)
+
+    def _local_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted residual rows whose sum of squares is the total loss."""
         terms = self.objective.residual_terms(self.phase.name)  # type: ignore[attr-defined]
         parts = [math.sqrt(self.cfg.weights.get(k, 1.0) / r.values.numel()) * r.values
@@ -220,14 +225,14 @@ class Trainer:
         def closure() -> torch.Tensor:
             self.optimizer.zero_grad(set_to_none=True)
             total, terms = self._loss()
-            record["total"], record["terms"] = total, terms
-            if torch.isfinite(total):
+            record["total"], record["terms"] = self.parallel.mean(total, terms)
+            if torch.isfinite(record["total"]):  # the same answer on every rank
                 total.backward()
-            return total
+            return record["total"]
 
         if self.phase.optimizer == "lbfgs":
             self.optimizer.step(closure)
-            total, terms = self._loss()  # the loss at the new point, for the record
+            total, terms = self.parallel.mean(*self._loss())  # the loss at the new point
         elif self.phase.optimizer == "lm":
             self.optimizer.step(self._residual)
             with torch.no_grad():
@@ -299,7 +304,9 @@ class Trainer:
             self._build_optimizer()
             self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
-        self.objective.load_state_dict(state["objective"])
+        objective = self.parallel.own(state, "objective")
+        if objective is not None:
+            self.objective.load_state_dict(objective)
         self.window_best, self.since_best = state.get("plateau", (math.inf, 0))
         self.last_terms = dict(state.get("last_terms", {}))
         self.stop_reason = str(state.get("stop_reason", self.stop_reason))
@@ -337,7 +344,11 @@ class Trainer:
                     self.cfg.max_retries)
 
     def save(self, name: str = "last") -> None:
-        save_checkpoint(self.run.checkpoints / f"{name}.pt", self.state())
+        state = self.state()
+        ranks = self.parallel.gather(state["objective"]) if name == "last" else None
+        if ranks is not None:  # several ranks: each one's sampler state, so resume draws on
+            state["objective_ranks"] = ranks
+        save_checkpoint(self.run.checkpoints / f"{name}.pt", state)
 
     # --- the loop -------------------------------------------------------------------------
     def fit(self, resume_step: int | None = None) -> None:
@@ -348,7 +359,8 @@ class Trainer:
         progress = Progress(TextColumn("[bold]{task.fields[phase]}"), BarColumn(),
                             MofNCompleteColumn(), TimeElapsedColumn(),
                             TextColumn("{task.fields[info]}"), console=console,
-                            disable=not self.cfg.progress, refresh_per_second=4)
+                            disable=not (self.cfg.progress and self.parallel.world.writer),
+                            refresh_per_second=4)
         t_start = time.perf_counter() - self.elapsed
         finished = self.phase_index >= len(self.phases)  # resumed from a finished run's checkpoint
         good = self._snapshot()
@@ -362,10 +374,11 @@ class Trainer:
                             break
                         good, self.window_best, self.since_best = self._snapshot(), math.inf, 0
                         continue
-                    if flag.signum is not None:
+                    signum = self.parallel.agree(flag.signum)  # every rank stops together
+                    if signum is not None:
                         self.elapsed = time.perf_counter() - t_start
                         self.save()
-                        raise Interrupted(flag.signum, self.step)
+                        raise Interrupted(signum, self.step)
                     candidate = self._snapshot() if self.step % SNAPSHOT_EVERY == 0 else None
                     try:
                         loss, terms = self._step()
