@@ -19,16 +19,16 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 
 import neuralpde_cli
-from neuralpde_cli.config import SolveConfig, register_configs
 from neuralpde_cli import distributed
+from neuralpde_cli.config import SolveConfig, register_configs
 from neuralpde_cli.device import resolve_device, resolve_precision
 from neuralpde_cli.errors import UserError
 from neuralpde_cli.registry import GROUPS, implied_choices, option, validate_combination
 from neuralpde_cli.run import plots
 from neuralpde_cli.run.rundir import RunDir
+from neuralpde_cli.solvers.gradient import GradientSolver
 from neuralpde_cli.tasks.common import config_dir, make_main
 from neuralpde_cli.training.checkpoint import load_checkpoint
-from neuralpde_cli.solvers.gradient import GradientSolver
 
 log = logging.getLogger(__name__)
 
@@ -138,6 +138,7 @@ def _summary_header(cfg: DictConfig, device: torch.device, status: str) -> dict[
         "status": status,
         "equation": cfg.equation.name, "ansatz": cfg.ansatz.name, "optimizer": cfg.optimizer.name,
         "device": str(device), "precision": cfg.precision, "seed": cfg.seed,
+        **distributed.summary_fields(),  # world_size (torchrun), host, pid
         "versions": {"neuralpde": neuralpde_cli.__version__, "torch": torch.__version__,
                      "python": platform.python_version()},
         "config": OmegaConf.to_container(cfg, resolve=True),
@@ -160,6 +161,7 @@ def validate(cfg: DictConfig) -> None:
     device, dtype = resolve_device(cfg.device.name), resolve_precision(cfg.precision)
     for level_cfg in chain_levels(cfg) if cfg.multigrid.levels > 1 else [cfg]:
         equation, ansatz, solver = build(level_cfg, device, dtype)
+        distributed.check_solver(solver, GradientSolver)
         if hasattr(solver, "check_resolution") and hasattr(ansatz, "resolution"):
             solver.check_resolution(int(ansatz.resolution))
     if cfg.init.from_run:
@@ -205,5 +207,3 @@ HEADLINE = ("rel_l2_error", "rel_l2_log_error", "cov_rel_error", "l1_error", "re
 
 main = make_main("solve", solve, validate, HEADLINE, schema=SolveConfig,
                  pre_compose=pre_compose, register=register_configs)
-        **distributed.summary_fields(),  # world_size (torchrun), host, pid
-        distributed.check_solver(solver, GradientSolver)
