@@ -238,8 +238,13 @@ class GridSystem:
         return self._cache["stencil"].apply(T)
 
     def load(self) -> Tensor:
-        """w ⊙ s at the unknowns: the source part of the right-hand side."""
-        return self.control_volumes() * self.source * self.unknown_mask
+        """w ⊙ s at the unknowns: the source part of the right-hand side (cached while s needs
+        no gradient: the multigrid measures every cycle's residual with it)."""
+        if self.source.requires_grad:
+            return self.control_volumes() * self.source * self.unknown_mask
+        if "load" not in self._cache:
+            self._cache["load"] = self.control_volumes() * self.source * self.unknown_mask
+        return self._cache["load"]
 
     def rhs(self) -> Tensor:
         """b of the reduced system A_UU T_U = b (source minus the Dirichlet couplings)."""

@@ -47,6 +47,11 @@ def check_writable(path: Path, what: str = "the run directory") -> None:
 LOCK_NAME = ".neuralpde.lock"
 
 
+def in_use(what: str, folder: Path, holder: str) -> str:
+    return (f"{what}: {folder} is in use by another neuralpde run ({holder}); wait for it to "
+            "end or choose another directory")
+
+
 class RunLock:
     """One writer per run directory, for the life of the process that holds it.
 
@@ -77,13 +82,28 @@ class RunLock:
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise UserError(f"cannot lock the run directory {folder}: "
                                 f"{exc.strerror or exc}") from None
-            raise UserError(f"{what}: {folder} is in use by another neuralpde run ({holder}); "
-                            "wait for it to end or choose another directory") from None
+            raise UserError(in_use(what, folder, holder)) from None
         previous = os.pread(fd, 4096, 0).decode(errors="replace").strip()
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n".encode(), 0)
         return cls(Path(folder), fd, previous or None)
+
+    @staticmethod
+    def holder(folder: Path) -> str | None:
+        """Who holds ``folder`` now (its lock file's text), None when nobody; creates nothing."""
+        try:
+            fd = os.open(Path(folder) / LOCK_NAME, os.O_RDONLY)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            return None
+        except OSError:
+            return os.pread(fd, 4096, 0).decode(errors="replace").strip() or "another process"
+        finally:
+            os.close(fd)
 
     @classmethod
     def claim(cls, folder: Path, unique: bool, what: str) -> RunLock:

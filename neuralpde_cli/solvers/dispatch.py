@@ -88,7 +88,8 @@ def _run_multigrid(cfg: DictConfig, equation: Any, ansatz: Any, solver: Any,
         writer.write({"step": row["cycle"], "phase": "multigrid", **row})
     writer.close()
     _save_solution_checkpoint(run, ansatz, len(history))
-    return _grid_report(equation, ansatz, run, {"steps": len(history), "cycles": len(history)})
+    return _grid_report(equation, ansatz, run, {"steps": len(history), "cycles": len(history),
+                                                **solver.convergence(history, values.dtype)})
 
 
 def _grid_report(equation: Any, ansatz: Any, run: RunDir, extra: dict[str, Any]) -> dict[str, Any]:

@@ -26,9 +26,10 @@ the residual; it never backpropagates through iterations.
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -41,6 +42,10 @@ CYCLES = ("fmg", "v", "w", "pcg")
 STENCIL_MODES = ("auto", "slices", "conv")
 #: Gauss–Seidel colour order; (0,0),(1,1) then (1,0),(0,1) is red–black for a 5-point stencil
 COLOURS = ((0, 0), (1, 1), (1, 0), (0, 1))
+#: stop when this many cycles in a row bring the residual no lower than 0.9 × the best before
+#: them: the iteration has reached the rounding floor of its precision (float32: ~1e-4 on fine
+#: grids), and further cycles only shuffle rounding errors
+STALL_CYCLES = 4
 
 
 @dataclass
@@ -349,10 +354,13 @@ class MultigridSolver:
             for _ in range(self.cfg.fmg_cycles):
                 self._cycle(levels, l, 1)
 
-    def _pcg(self, levels: list[_Level], record: Any, cycles: int) -> None:
+    def _pcg(self, levels: list[_Level], record: Any, cycles: int, history: list[dict]) -> None:
         """Flexible CG on the finest level, preconditioned by one V-cycle, from its current T.
 
-        Flexible (Polak–Ribière) β, because V(ν₁, ν₂) with ν₁ ≠ ν₂ is not symmetric.
+        Flexible (Polak–Ribière) β, because V(ν₁, ν₂) with ν₁ ≠ ν₂ is not symmetric. Each
+        iteration records the true residual b − A x of its iterate, never CG's recursively
+        updated r: the two part once rounding dominates (in float32 the recursion reports
+        1e-10 while b − A x stays at 1e-4), and only the true one says what T is worth.
         """
         fine, tol, max_cycles = levels[-1], self.cfg.tol, self.cfg.max_cycles
         x, r, b_saved = fine.T.clone(), fine.residual().clone(), fine.b.clone()
@@ -376,8 +384,8 @@ class MultigridSolver:
             x.add_(p, alpha=alpha)
             r.add_(ap, alpha=-alpha)
             cycles += 1
-            if not record(cycles, r) > tol:        # converged (or NaN: stop, history shows it)
-                break
+            if not record(cycles, x) > tol or self._stalled(history):
+                break                              # converged, stalled, or NaN (history shows it)
             z, z_old = z_old, z
             precondition(z)
             rz_new = dot(r, z)
@@ -387,20 +395,39 @@ class MultigridSolver:
         fine.T.copy_(x)
         fine.b.copy_(b_saved)
 
+    @staticmethod
+    def _stalled(history: list[dict]) -> bool:
+        rel = [h["rel_residual"] for h in history]
+        return len(rel) > STALL_CYCLES and \
+            not min(rel[-STALL_CYCLES:]) < 0.9 * min(rel[:-STALL_CYCLES])
+
     def _iterate(self, levels: list[_Level], b: Tensor, dirichlet: Tensor, T0: Tensor | None,
-                 start: float) -> tuple[Tensor, list[dict]]:
-        """Solve A_UU T_U = b_U − A_UD g for the load b (n, n) and Dirichlet values g (n, n)."""
+                 start: float, measure: Callable[[Tensor], float] | None = None
+                 ) -> tuple[Tensor, list[dict]]:
+        """Solve A_UU T_U = b_U − A_UD g for the load b (n, n) and Dirichlet values g (n, n).
+
+        ``measure(T)`` (T (n, n) with its boundary values) is the relative residual recorded
+        and tested against ``tol``; without it, ‖b − A T‖/‖b‖ on the finest level.
+        """
         fine, cfg = levels[-1], self.cfg
         fine.b.copy_(b)
         fine.T.zero_()
         fine.T[1:-1, 1:-1].copy_(dirichlet)
         norm_b = float(torch.linalg.vector_norm(fine.residual()))
         norm_b = norm_b if norm_b > 0 else 1.0
+        b_saved = fine.b.clone()
         history: list[dict] = []
 
-        def record(cycle: int, r: Tensor | None = None) -> float:
-            r = fine.residual() if r is None else r
-            rel = float(torch.linalg.vector_norm(r)) / norm_b
+        def relative(T_pad: Tensor) -> float:
+            if measure is not None:
+                return measure(T_pad[1:-1, 1:-1])
+            if T_pad is not fine.T:  # PCG's iterate (its V-cycles reset fine.T and fine.b)
+                fine.T.copy_(T_pad)
+                fine.b.copy_(b_saved)
+            return float(torch.linalg.vector_norm(fine.residual())) / norm_b
+
+        def record(cycle: int, T_pad: Tensor | None = None) -> float:
+            rel = relative(fine.T if T_pad is None else T_pad)
             history.append({"cycle": cycle, "rel_residual": rel,
                             "elapsed_s": time.perf_counter() - start})
             return rel
@@ -422,13 +449,13 @@ class MultigridSolver:
         else:
             if T0 is not None:
                 fine.T_block.copy_(T0[fine.block[0]:fine.block[1], fine.block[2]:fine.block[3]])
-            rel = float(torch.linalg.vector_norm(fine.residual())) / norm_b
+            rel = relative(fine.T)
         if cfg.cycle == "pcg":
             if rel > cfg.tol and cycles < cfg.max_cycles and len(levels) > 1:
-                self._pcg(levels, record, cycles)
+                self._pcg(levels, record, cycles, history)
         else:
             gamma = 2 if cfg.cycle == "w" else 1
-            while rel > cfg.tol and cycles < cfg.max_cycles:
+            while rel > cfg.tol and cycles < cfg.max_cycles and not self._stalled(history):
                 self._cycle(levels, len(levels) - 1, gamma)
                 cycles += 1
                 rel = record(cycles)
@@ -439,12 +466,33 @@ class MultigridSolver:
         """The discrete solution (n, n), boundary included, and one history dict per cycle.
 
         ``T0`` (n, n) is a warm start (its Dirichlet entries are ignored); with ``fmg`` and
-        ``pcg`` the full-multigrid pass then works on the correction to it.
+        ``pcg`` the full-multigrid pass then works on the correction to it. Each cycle's
+        ``rel_residual`` is ``system.rel_residual`` of its iterate: the one definition the
+        run's summary reports too.
         """
         start = time.perf_counter()
         levels = self.setup(system)
         with torch.no_grad():
-            return self._iterate(levels, system.load(), system.dirichlet_values, T0, start)
+            return self._iterate(levels, system.load(), system.dirichlet_values, T0, start,
+                                 system.rel_residual)
+
+    def convergence(self, history: list[dict], dtype: torch.dtype) -> dict[str, Any]:
+        """Whether the solve met ``tol``, and if not why: the cycle budget, or a residual that
+        stalled at the rounding floor of ``dtype``."""
+        tol, last = self.cfg.tol, history[-1]["rel_residual"] if history else math.nan
+        if last <= tol:
+            return {"tolerance_met": True, "stop_reason": f"optimizer.tol={tol:g} reached"}
+        if len(history) >= self.cfg.max_cycles:
+            why = f"optimizer.max_cycles={self.cfg.max_cycles} reached"
+        elif not math.isfinite(last):
+            why = "the residual became NaN/Inf"
+        else:
+            name = str(dtype).replace("torch.", "")
+            why = (f"the residual stalled at the rounding floor of {name} (no 10% gain in "
+                   f"{STALL_CYCLES} cycles)" + ("; precision=float64 goes lower"
+                                                 if dtype != torch.float64 else ""))
+        return {"tolerance_met": False,
+                "stop_reason": f"optimizer.tol={tol:g} not met: rel_residual {last:.2e}, {why}"}
 
     def solve_differentiable(self, kappa: Tensor, source: Tensor, template: GridSystem) -> Tensor:
         """T(κ, s) on the grid and boundary of ``template``, differentiable by the adjoint."""

@@ -37,7 +37,7 @@ from neuralpde_cli.config_errors import coerce_overrides, run_composing
 from neuralpde_cli.errors import UserError
 from neuralpde_cli.registry import GROUPS, option
 from neuralpde_cli.run.atomic import atomic_write
-from neuralpde_cli.run.rundir import LOCK_NAME, RunDir, RunLock, check_writable
+from neuralpde_cli.run.rundir import LOCK_NAME, RunDir, RunLock, check_writable, in_use
 from neuralpde_cli.training.checkpoint import describe
 from neuralpde_cli.training.trainer import Diverged, Interrupted
 
@@ -188,6 +188,9 @@ class Task:
         refused by name. Checked like a new run, then the directory is locked (a run still
         writing it makes this one refuse). Nothing in DIR changes before all of that passed."""
         run_dir = Path(resume_arg(args) or "").expanduser()
+        holder = RunLock.holder(run_dir)
+        if holder is not None:  # said first: a running run is the reason, whatever else
+            raise UserError(in_use(f"resume={run_dir}", run_dir, holder))
         cfg = self.resumed_config(str(run_dir))
         changes, passthrough = self.resume_changes(cfg, args)
         self.check(cfg)
@@ -341,6 +344,9 @@ class _Job:
             metrics = summary.get("metrics", {})
             print(f"done: {out}  " + "  ".join(f"{k}={v:.3e}" for k, v in metrics.items()
                                                  if k in spec.headline and isinstance(v, float)))
+            if summary.get("tolerance_met") is False:
+                print(f"neuralpde: warning: {summary.get('stop_reason', 'tolerance not met')}",
+                      file=sys.stderr)
             return metrics.get(spec.headline[0]) if spec.headline else None
         except (Interrupted, KeyboardInterrupt) as exc:
             signum = getattr(exc, "signum", signal.SIGINT)

@@ -109,10 +109,14 @@ def solve_chain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         level = solve(level_cfg, level_run, warm)
         warm = torch.from_numpy(np.load(level_run.solution_npz)["T"])
         chain.append({"level": k, "resolution": level_cfg.ansatz.resolution,
-                      "wall_time_s": level["wall_time_s"], "metrics": level["metrics"]})
+                      "wall_time_s": level["wall_time_s"], "metrics": level["metrics"],
+                      **{key: level[key] for key in ("tolerance_met", "stop_reason")
+                         if key in level}})
         log.info("level %d (%d²): %s", k, level_cfg.ansatz.resolution, level["metrics"])
     summary.update({"status": "completed", "levels": chain, "metrics": chain[-1]["metrics"],
                     "wall_time_s": time.perf_counter() - start})
+    summary.update({key: chain[-1][key] for key in ("tolerance_met", "stop_reason")
+                    if key in chain[-1]})  # the finest level's answer is the chain's
     summary["plots"] = [str(p.relative_to(run.path)) for p in plots.make_chain_plots(run.path)]
     run.write_summary(summary)
     return summary
@@ -198,9 +202,10 @@ def check_choices(args: list[str]) -> None:
 def pre_compose(args: list[str]) -> list[str]:
     """Before Hydra composes: a combination that cannot work is named, and the choices a
     single choice implies (equation=fokker_planck → ansatz=gmm …) are added."""
+    extra = implied_choices(args)
     if not any(a.split("=", 1)[0] in ("-h", "--help", "--hydra-help") for a in args):
-        check_choices(args)
-    return implied_choices(args)
+        check_choices([*args, *extra])
+    return extra
 
 
 HEADLINE = ("rel_l2_error", "rel_l2_log_error", "cov_rel_error", "l1_error", "rel_residual")
