@@ -6,6 +6,9 @@ one is driven (a trainer loop, a time march, a multigrid solve) and what it leav
 
 from __future__ import annotations
 
+import logging
+import sys
+import time
 from typing import Any
 
 import torch
@@ -24,6 +27,8 @@ from neuralpde_cli.training.checkpoint import save_checkpoint
 from neuralpde_cli.training.objectives import DensityObjective, GridObjective, SteadyPINNObjective
 from neuralpde_cli.training.samplers import CollocationSampler
 
+log = logging.getLogger(__name__)
+
 
 def run_solver(cfg: DictConfig, equation: Any, ansatz: Any, solver: Any, run: RunDir,
                resume_state: dict[str, Any] | None) -> dict[str, Any]:
@@ -40,7 +45,8 @@ def run_solver(cfg: DictConfig, equation: Any, ansatz: Any, solver: Any, run: Ru
 def _progress(total: float, label: str, enabled: bool) -> Progress:
     return Progress(TextColumn(f"[bold]{label}"), BarColumn(), TextColumn("{task.percentage:>5.1f}%"),
                     TimeElapsedColumn(), TextColumn("{task.fields[info]}"),
-                    console=Console(stderr=True), disable=not enabled)
+                    console=Console(stderr=True),
+                    disable=not (enabled and sys.stderr.isatty()))  # a file: log lines instead
 
 
 def _save_solution_checkpoint(run: RunDir, solution: torch.nn.Module, steps: int) -> None:
@@ -67,7 +73,10 @@ def _run_time_march(cfg: DictConfig, equation: DensityEquation, ansatz: Any, sol
             writer.write({"step": steps, "phase": "march", "t": t, **info})
             progress.update(bar, completed=t, info=f"t {t:.4g}  dt {info.get('dt', 0):.2e}")
 
+        start = time.perf_counter()
         result = solver.run(equation, ansatz, callback)
+    log.info("time-march done: t = %g in %d steps, %.2f s", equation.t_final, steps,
+             time.perf_counter() - start)
     writer.close()
     solution = result.ansatz
     _save_solution_checkpoint(run, solution, steps)
@@ -80,7 +89,10 @@ def _run_multigrid(cfg: DictConfig, equation: Any, ansatz: Any, solver: Any,
     """Solve the grid system to tolerance; every cycle is a row of metrics.csv."""
     n = ansatz.resolution
     system = equation.discretize(n)
+    start = time.perf_counter()
     values, history = solver.solve(system, ansatz.values().detach())
+    log.info("multigrid: %d² nodes, %d cycles, rel_residual %.3e, %.2f s", n, len(history),
+             history[-1]["rel_residual"] if history else float("nan"), time.perf_counter() - start)
     with torch.no_grad():
         ansatz.set_values(values)
     writer = MetricsWriter(run.metrics_csv, ["step", "phase", "rel_residual", "elapsed_s"])

@@ -42,6 +42,9 @@ from neuralpde_cli.training.checkpoint import describe
 from neuralpde_cli.training.trainer import Diverged, Interrupted
 
 log = logging.getLogger(__name__)
+#: the final line (done: … or neuralpde: error: …): printed by the task, and logged through
+#: this logger to the run's log file only (configs/hydra/job_logging/neuralpde.yaml)
+result_log = logging.getLogger("neuralpde_cli.result")
 
 #: the body of a subcommand: runs the job into the run directory, returns the summary written
 Body = Callable[[DictConfig, RunDir], dict]
@@ -342,8 +345,12 @@ class _Job:
                 summary["resume_overrides"] = self.applied
                 run.write_summary(summary)
             metrics = summary.get("metrics", {})
-            print(f"done: {out}  " + "  ".join(f"{k}={v:.3e}" for k, v in metrics.items()
-                                                 if k in spec.headline and isinstance(v, float)))
+            line = f"done: {out}  " + "  ".join(f"{k}={v:.3e}" for k, v in metrics.items()
+                                                if k in spec.headline and isinstance(v, float))
+            if summary.get("advice"):  # a large error, and the setting that works
+                line += f"  ({summary['advice']})"
+            print(line)
+            result_log.info(line)
             if summary.get("tolerance_met") is False:
                 print(f"neuralpde: warning: {summary.get('stop_reason', 'tolerance not met')}",
                       file=sys.stderr)
@@ -365,6 +372,7 @@ class _Job:
             message = describe_error(exc)
             mark(run, status, message)
             print(f"neuralpde: error: {message}", file=sys.stderr)
+            result_log.error("neuralpde: error: %s", message)
             if multirun:
                 _record_failure(out, status, message)
                 return None

@@ -7,11 +7,12 @@ ends as one line on stderr and a non-zero exit, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import platform
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -25,6 +26,7 @@ from neuralpde_cli.device import resolve_device, resolve_precision
 from neuralpde_cli.errors import UserError
 from neuralpde_cli.registry import GROUPS, implied_choices, option, validate_combination
 from neuralpde_cli.run import plots
+from neuralpde_cli.run.atomic import atomic_write
 from neuralpde_cli.run.rundir import RunDir
 from neuralpde_cli.solvers.gradient import GradientSolver
 from neuralpde_cli.tasks.common import config_dir, make_main
@@ -64,7 +66,13 @@ def solve(cfg: DictConfig, run: RunDir, warm: torch.Tensor | None = None) -> dic
     result = run_solver(cfg, equation, ansatz, solver, run, resume_state)
     summary.update(result)
     summary["status"] = "completed"
-    summary["wall_time_s"] = time.perf_counter() - start + float(result.get("resumed_elapsed_s", 0))
+    # wall_time_s ≥ train_time_s: the sessions before a resume count with the training time
+    # their checkpoint recorded (train_time_s is the training loop's time over all sessions)
+    summary["wall_time_s"] = time.perf_counter() - start + \
+        float((resume_state or {}).get("elapsed", 0.0))
+    advice = large_error_advice(cfg, summary.get("metrics", {}))
+    if advice:
+        summary["advice"] = advice
     run.write_summary(summary)
     summary["plots"] = [str(p.relative_to(run.path)) for p in plots.make_plots(run.path)]
     run.write_summary(summary)
@@ -75,7 +83,7 @@ def _warm_start(cfg: DictConfig, ansatz: Any, warm: torch.Tensor | None,
                 device: torch.device) -> None:
     """Start from a coarser level's values, or from an earlier run (``init.from_run``)."""
     if warm is None and cfg.init.from_run:
-        source = Path(cfg.init.from_run)
+        source = run_source(cfg.init.from_run)
         npz = source / "solution.npz"
         if hasattr(ansatz, "warm_start_from") and npz.is_file():
             with np.load(npz) as data:
@@ -94,6 +102,74 @@ def _warm_start(cfg: DictConfig, ansatz: Any, warm: torch.Tensor | None,
         ansatz.warm_start_from(warm.to(device))
 
 
+def run_source(path: str) -> Path:
+    """The run directory ``init.from_run`` names; a chain's folder stands for its finest level
+    (a chain writes its results in ``level_<k>/``)."""
+    source = Path(path).expanduser()
+    levels = sorted((p for p in source.glob("level_*") if p.name[6:].isdigit()),
+                    key=lambda p: int(p.name[6:]))
+    if levels and not (source / "solution.npz").is_file() \
+            and not (source / "checkpoints" / "last.pt").is_file():
+        return levels[-1]
+    return source
+
+
+#: a headline error above this is called large on the final line, with the setting that works
+LARGE_ERROR = 0.1
+
+
+def large_error_advice(cfg: DictConfig, metrics: dict[str, Any]) -> str | None:
+    """When the headline error against the exact or reference solution is large: says so and
+    names the setting that reaches a small one (None otherwise)."""
+    key = next((k for k in ("l1_error", "rel_l2_error") if isinstance(metrics.get(k), float)), None)
+    if key is None or not metrics[key] > LARGE_ERROR:
+        return None
+    equation, ansatz, optimizer = cfg.equation.name, cfg.ansatz.name, cfg.optimizer.name
+    if equation == "diffusion":
+        fix = ("the grid solver, which matches the direct solve: ansatz=grid (multigrid)"
+               if ansatz == "mlp" else "optimizer=multigrid, which solves the grid system to tol")
+    elif ansatz == "gmm" and optimizer != "time_march":
+        fix = "optimizer=time_march, the solver for the mixture"
+    elif ansatz == "gmm":
+        fix = f"more components: ansatz.components={max(8, 2 * int(cfg.ansatz.components))}"
+    elif equation == "fokker_planck":
+        fix = "the Gaussian mixture, time-marched: ansatz=gmm optimizer=time_march"
+    else:
+        fix = "more steps (optimizer.adam_steps, optimizer.lbfgs_steps) or ansatz=gmm"
+    return f"large error: {key}={metrics[key]:.2g}; try {fix}"
+
+
+@contextlib.contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    """While inside, the log also goes to ``path`` (a chain level's own solve.log), in the
+    format of the run's log file."""
+    root = logging.getLogger()
+    template = next((h for h in root.handlers if isinstance(h, logging.FileHandler)), None)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(template.formatter if template is not None and template.formatter
+                         else logging.Formatter("[%(asctime)s][%(name)s][%(levelname)s] - "
+                                                "%(message)s"))
+    root.addHandler(handler)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        handler.close()
+
+
+def _record_level(cfg: DictConfig, chain_dir: Path, level_dir: Path) -> None:
+    """A level's ``.hydra/``: its own config (what ``resume`` reads) and the chain's overrides
+    with the level's own, so a level is a run directory like any other."""
+    config = OmegaConf.to_yaml(OmegaConf.merge(cfg, {"resume": None}))
+    atomic_write(level_dir / ".hydra" / "config.yaml", lambda h: h.write(config.encode()))
+    given = chain_dir / ".hydra" / "overrides.yaml"
+    chain = [str(o) for o in OmegaConf.load(given)] if given.is_file() else []
+    mine = ["multigrid.levels=1", f"ansatz.resolution={cfg.ansatz.resolution}"]
+    text = OmegaConf.to_yaml([o for o in chain if o.split("=", 1)[0] not in
+                              ("multigrid.levels", "ansatz.resolution")] + mine)
+    atomic_write(level_dir / ".hydra" / "overrides.yaml", lambda h: h.write(text.encode()))
+
+
 def solve_chain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     """Coarse to fine: level k solves at (n − 1)/2^(L−1−k) + 1 nodes, warm-started from k − 1.
 
@@ -106,15 +182,20 @@ def solve_chain(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     chain, warm = [], None
     for k, level_cfg in enumerate(chain_levels(cfg)):
         level_run = RunDir(run.path / f"level_{k}")
-        level = solve(level_cfg, level_run, warm)
+        _record_level(level_cfg, run.path, level_run.path)
+        with _log_to(level_run.path / "solve.log"):
+            level = solve(level_cfg, level_run, warm)
+            log.info("level %d (%d²) done: %s", k, level_cfg.ansatz.resolution, level["metrics"])
         warm = torch.from_numpy(np.load(level_run.solution_npz)["T"])
         chain.append({"level": k, "resolution": level_cfg.ansatz.resolution,
                       "wall_time_s": level["wall_time_s"], "metrics": level["metrics"],
                       **{key: level[key] for key in ("tolerance_met", "stop_reason")
                          if key in level}})
-        log.info("level %d (%d²): %s", k, level_cfg.ansatz.resolution, level["metrics"])
     summary.update({"status": "completed", "levels": chain, "metrics": chain[-1]["metrics"],
                     "wall_time_s": time.perf_counter() - start})
+    advice = large_error_advice(cfg, summary["metrics"])
+    if advice:
+        summary["advice"] = advice
     summary.update({key: chain[-1][key] for key in ("tolerance_met", "stop_reason")
                     if key in chain[-1]})  # the finest level's answer is the chain's
     summary["plots"] = [str(p.relative_to(run.path)) for p in plots.make_chain_plots(run.path)]
@@ -156,6 +237,11 @@ def validate(cfg: DictConfig) -> None:
     the resolution the solver needs, and the run a warm start or a resume reads."""
     if cfg.multigrid.levels < 1:
         raise UserError(f"multigrid.levels={cfg.multigrid.levels} must be ≥ 1 (1: a single level)")
+    if cfg.multigrid.levels > 1 and (cfg.equation.name, cfg.ansatz.name) != ("diffusion", "grid"):
+        raise UserError(f"multigrid.levels={cfg.multigrid.levels} is a coarse-to-fine chain of "
+                        "grids: it applies to equation=diffusion with ansatz=grid only (here "
+                        f"equation={cfg.equation.name} ansatz={cfg.ansatz.name}); leave "
+                        "multigrid.levels at 1")
     times, t_final = cfg.equation.get("eval_times"), cfg.equation.get("t_final")
     if times is not None and t_final is not None and t_final > 0 \
             and not all(0 <= t <= t_final for t in times):
@@ -169,7 +255,7 @@ def validate(cfg: DictConfig) -> None:
         if hasattr(solver, "check_resolution") and hasattr(ansatz, "resolution"):
             solver.check_resolution(int(ansatz.resolution))
     if cfg.init.from_run:
-        source = Path(cfg.init.from_run)
+        source = run_source(cfg.init.from_run)
         if not source.is_dir():
             raise UserError(f"init.from_run={source}: no such run directory")
         if not (hasattr(ansatz, "warm_start_from") and (source / "solution.npz").is_file()):

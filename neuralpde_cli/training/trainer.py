@@ -356,6 +356,7 @@ class Trainer:
             + ["lr", "elapsed_s", self.error_key]
         metrics = MetricsWriter(self.run.metrics_csv, columns, resume_step)
         console = Console(stderr=True)
+        console.quiet = not console.is_terminal  # no live bar into a file: phase lines instead
         progress = Progress(TextColumn("[bold]{task.fields[phase]}"), BarColumn(),
                             MofNCompleteColumn(), TimeElapsedColumn(),
                             TextColumn("{task.fields[info]}"), console=console,
@@ -370,6 +371,7 @@ class Trainer:
                                         phase="done" if finished else self.phase.name, info="")
                 while self.phase_index < len(self.phases):
                     if self.phase_step >= self.phase.steps:
+                        self._log_phase_end()
                         if not self._next_phase():
                             break
                         good, self.window_best, self.since_best = self._snapshot(), math.inf, 0
@@ -412,6 +414,7 @@ class Trainer:
                         log.info("step %d [%s] %s", self.step, self.phase.name, info)
                     if self.cfg.loss_target > 0 and loss < self.cfg.loss_target:
                         self.stop_reason = f"loss target {self.cfg.loss_target:g}"
+                        self._log_phase_end()
                         self.phase_index = len(self.phases)  # the checkpoint says: finished
                         break
                     if self.cfg.plateau_patience > 0:
@@ -429,6 +432,14 @@ class Trainer:
             metrics.close()
         if flag.signum is not None:  # arrived during the last step or the final save
             raise Interrupted(flag.signum, self.step)
+
+    def _log_phase_end(self) -> None:
+        """One line per phase in the log (and on the console): where it ended, and how."""
+        info = "  ".join(f"{k} {v:.3e}" for k, v in self.last_terms.items())
+        if math.isfinite(self.last_error):
+            info += f"  {self.error_key} {self.last_error:.3e}"
+        log.info("phase %s done: step %d, %.2f s  %s", self.phase.name, self.step, self.elapsed,
+                 info)
 
     def _next_phase(self) -> bool:
         if self.phase_index + 1 >= len(self.phases):
