@@ -214,7 +214,8 @@ class TransitionDensity:
         mean0, chol0 = self._start_law(eq.sde)
         return self.marcher.run(eq, self.ansatz, x0_batch=mean0, initial_chol=chol0,
                                 step_times=self.step_times, differentiable=differentiable,
-                                time_offsets=self.offsets)
+                                time_offsets=None if self.offsets is None
+                                else self.offsets + self.eps)  # the march starts at t₀ + ε
 
     def freeze_steps(self, values: dict[str, Tensor]) -> int:
         """Choose the step times adaptively at ``values`` and replay them from now on."""

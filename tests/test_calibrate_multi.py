@@ -1,0 +1,131 @@
+"""Calibration in several dimensions and with calendar time, against exact transition laws."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from neuralpde_cli.ansatz.gmm import GMMConfig
+from neuralpde_cli.likelihood.pde import PDELikelihoodConfig, TransitionDensity, TransitionSet
+from neuralpde_cli.sdes import SDEConfig, build_sde_with
+from neuralpde_cli.solvers.time_march import TimeMarchConfig
+from tests.conftest import run_cli
+
+F64, CPU = torch.float64, torch.device("cpu")
+
+
+def test_time_dependent_mean_is_marched_from_each_transition_own_time(tmp_path, monkeypatch):
+    """dX = θ(b + c·sin ωt − X)dt + σdW: Gaussian, with the mean's forcing integrated from each
+    transition's own start time t₀ (a start at t = 0 for all would be off by c·O(1))."""
+    th, b, c, w, s = 1.5, 1.0, 2.0, 1.3, 0.4
+    (tmp_path / "forced.py").write_text(
+        "import torch\n"
+        f"def drift(t, x, th, b, c):\n    return th * (b + c * torch.sin({w} * t)[:, None] - x)\n")
+    monkeypatch.chdir(tmp_path)
+    cfg = SDEConfig(kind="custom", drift="./forced.py:drift", sigma=[[s]],
+                    params={"th": th, "b": b, "c": c})
+    rng = np.random.default_rng(0)
+    n = 60
+    t0 = rng.uniform(0.0, 10.0, n)
+    dt = rng.choice([0.3, 0.6], n)
+    x0 = rng.normal(1.0, 1.0, n)
+
+    def forcing(t):  # ∫ θe^{−θ(t₁−u)} c sin(ωu) du, antiderivative at u = t (times e^{θt₁})
+        return c * th * math.e ** 0 * (th * np.sin(w * t) - w * np.cos(w * t)) / (th ** 2 + w ** 2)
+
+    t1 = t0 + dt
+    decay = np.exp(-th * dt)
+    mean = x0 * decay + b * (1 - decay) + forcing(t1) - forcing(t0) * decay
+    var = s ** 2 * (1 - decay ** 2) / (2 * th)
+    x1 = mean + math.sqrt(1.0) * np.sqrt(var) * rng.standard_normal(n)
+    exact = -0.5 * ((x1 - mean) ** 2 / var + np.log(2 * np.pi * var))
+    ts = TransitionSet.from_arrays(x0, x1, t0, dt, F64, CPU)
+    td = TransitionDensity(lambda v: build_sde_with(cfg, 1, v, F64, CPU), ts,
+                           GMMConfig(components=1), TimeMarchConfig(rtol=1e-6),
+                           PDELikelihoodConfig())
+    assert td.time_dependent and not td.use_grid
+    values = {k: torch.tensor(v, dtype=F64) for k, v in cfg.params.items()}
+    td.freeze_steps(values)
+    with torch.no_grad():
+        lp = td.log_density(values, False).numpy()
+    assert np.abs(lp - exact).max() < 1e-3
+
+
+def write_ou2(path: Path, n: int, dt: float, seed: int) -> None:
+    """A 2-D OU path (non-symmetric θ, correlated σ) from the exact Gaussian transition."""
+    import scipy.linalg
+    theta = np.array([[1.0, 0.6], [-0.4, 0.8]])
+    mean = np.array([1.0, -0.5])
+    sigma = np.array([[0.8, 0.0], [0.4, 0.6]])
+    phi = scipy.linalg.expm(-theta * dt)
+    q = sigma @ sigma.T
+    block = scipy.linalg.expm(np.block([[theta, q], [np.zeros((2, 2)), -theta.T]]) * dt)
+    cov = block[:2, 2:] @ phi.T
+    cov = 0.5 * (cov + cov.T)
+    chol = np.linalg.cholesky(cov)
+    rng = np.random.default_rng(seed)
+    x = [mean.copy()]
+    for _ in range(n):
+        x.append(mean + phi @ (x[-1] - mean) + chol @ rng.standard_normal(2))
+    rows = [f"{i * dt:.6g},{a:.17g},{b:.17g}" for i, (a, b) in enumerate(x)]
+    path.write_text("time,x1,x2\n" + "\n".join(rows) + "\n")
+
+
+def test_two_dimensional_ou_density_on_the_start_grid_matches_the_exact_law(tmp_path: Path):
+    """The 8 × 8 start grid and its tensor spline reproduce the exact 2-D OU transition (the
+    mixture state is affine in x₀ there, so only the march's own error remains)."""
+    from neuralpde_cli.data import read_observations
+    from neuralpde_cli.references.transitions import ou_log_density
+    write_ou2(tmp_path / "ou2.csv", 300, 0.5, seed=1)
+    tr = read_observations(tmp_path / "ou2.csv", dim=2).transitions()
+    cfg = SDEConfig(kind="ou")  # the same θ, m, σ as write_ou2
+    ts = TransitionSet.from_arrays(tr.x0, tr.x1, tr.t0, tr.dt, F64, CPU)
+    td = TransitionDensity(lambda v: build_sde_with(cfg, 2, v, F64, CPU), ts,
+                           GMMConfig(components=1), TimeMarchConfig(rtol=1e-5),
+                           PDELikelihoodConfig())
+    assert td.use_grid and td.members == 64
+    td.freeze_steps({})
+    with torch.no_grad():
+        lp = td.log_density({}, False).numpy()
+    exact = ou_log_density(tr.x0, tr.x1, tr.dt, np.array([[1.0, 0.6], [-0.4, 0.8]]),
+                           np.array([1.0, -0.5]), np.array([[0.8, 0.0], [0.4, 0.6]]))
+    assert np.abs(lp - exact).max() < 1e-3
+
+
+@pytest.mark.slow  # 30 s: nine parameters, their Hessian and sandwich through the CLI
+def test_two_dimensional_ou_lands_on_the_exact_mle(tmp_path: Path):
+    write_ou2(tmp_path / "ou2.csv", 400, 0.5, seed=4)
+    result = run_cli(["calibrate", "data=ou2.csv", "equation.dim=2", "equation.sde.kind=ou",
+                      "equation.sde.theta=[[1.0,0.0],[0.0,1.0]]", "equation.sde.mean=[0.0,0.0]",
+                      "equation.sde.sigma=[[1.0,0.0],[0.0,1.0]]", "ansatz.components=1",
+                      "fit.profile_points=0", "fit.density_bins=1", "hydra.run.dir=run"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    fit = json.loads((tmp_path / "run" / "fit.json").read_text())
+    assert len(fit["names"]) == 9
+    exact = fit["baselines"]["exact"]
+    for name in fit["names"]:
+        assert abs(fit["estimates"][name] - exact["estimates"][name]) < 0.05 * exact["se"][name], name
+        assert abs(fit["se"][name] / exact["se"][name] - 1) < 0.05, name
+    assert fit["stationary"] and set(fit["se_sandwich"]) == set(fit["names"])
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["equation.sde.rho=1.0"], "rho"),
+    (["data=neg.csv"], "x2"),
+])
+def test_heston_bad_input_is_one_line(tmp_path: Path, args, needle):
+    rows = ["time,x1,x2"] + [f"{i * 0.01},{0.01 * i},{0.2 + 0.01 * math.sin(i)}" for i in range(30)]
+    (tmp_path / "h.csv").write_text("\n".join(rows) + "\n")
+    rows[10] = "0.09,0.09,-0.01"
+    (tmp_path / "neg.csv").write_text("\n".join(rows) + "\n")
+    result = run_cli(["calibrate", "data=h.csv", "equation.dim=2", "equation.sde.kind=heston",
+                      *args, "hydra.run.dir=run"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and needle in lines[0], result.stderr
+    assert not (tmp_path / "run").exists()
