@@ -33,8 +33,8 @@ _DPI = 110
 
 
 def make_calibration_plots(run_dir: Path) -> list[Path]:
-    """trace, profiles, transition, pit and estimates PNGs under run_dir/plots (each one whose
-    inputs are there); returns the paths written."""
+    """trace, profiles, transition, pit, estimates and correlation PNGs under run_dir/plots
+    (each one whose inputs are there); returns the paths written."""
     import matplotlib
     matplotlib.use("Agg")
     run_dir = Path(run_dir)
@@ -66,7 +66,31 @@ def make_calibration_plots(run_dir: Path) -> list[Path]:
         out += plot_estimates(fit, plots_dir / "estimates.png")
     else:
         log.info("estimates.png skipped: fit.json holds no estimates")
+    if fit.get("correlation") and len(_names(fit)) > 1:
+        out += plot_correlation(fit, plots_dir / "correlation.png")
     return out
+
+
+def plot_correlation(fit: dict[str, Any], path: Path) -> list[Path]:
+    """The estimates' correlation matrix (observed information): which parameters the data
+    cannot tell apart (|r| near 1), on a diverging scale centred on 0."""
+    import matplotlib.pyplot as plt
+    names = _names(fit)
+    corr = np.array([[_num(v) for v in row] for row in fit["correlation"]], dtype=float)
+    size = 1.2 + 0.55 * len(names)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size), layout="constrained")
+    image = ax.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1)
+    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    if len(names) <= 12:
+        for i in range(len(names)):
+            for j in range(len(names)):
+                if np.isfinite(corr[i, j]):
+                    ax.text(j, i, f"{corr[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if abs(corr[i, j]) > 0.6 else "black")
+    fig.colorbar(image, ax=ax, label="correlation of the estimates")
+    ax.set_title("correlation of the estimates (observed information)", fontsize=10)
+    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
