@@ -22,7 +22,8 @@ from neuralpde_cli.run.plots_calibrate import (
     CHI2_95_HALF, Z_95, ks_band, make_calibration_plots, profile_interval,
 )
 
-PLOTS = ("trace.png", "profiles.png", "transition.png", "pit.png", "estimates.png")
+PLOTS = ("trace.png", "profiles.png", "transition.png", "pit.png", "estimates.png",
+         "correlation.png")
 NAMES = ["theta", "mean", "sigma"]
 TRUTH = {"theta": 1.0, "mean": 0.5, "sigma": 0.4}
 DT = 0.5
@@ -222,7 +223,7 @@ def test_partial_run_directories_do_not_crash(ou_run: Path, tmp_path: Path, capl
     np.savez(run / "diagnostics.npz", **arrays)
     with caplog.at_level(logging.INFO, logger="neuralpde_cli.run.plots_calibrate"):
         out = make_calibration_plots(run)
-    assert sorted(p.name for p in out) == sorted(set(PLOTS) - {"profiles.png"})
+    assert sorted(p.name for p in out) == sorted(set(PLOTS) - {"profiles.png", "correlation.png"})
     assert not (run / "plots" / "profiles.png").exists()
     assert "profiles.png skipped" in caplog.text
     for path in out:
@@ -232,7 +233,7 @@ def test_partial_run_directories_do_not_crash(ou_run: Path, tmp_path: Path, capl
     bare = tmp_path / "bare"
     bare.mkdir()
     shutil.copy(ou_run / "fit.json", bare / "fit.json")
-    assert [p.name for p in make_calibration_plots(bare)] == ["estimates.png"]
+    assert [p.name for p in make_calibration_plots(bare)] == ["estimates.png", "correlation.png"]
 
 
 def test_nine_parameters_lay_out_on_a_grid(ou_run: Path, tmp_path: Path) -> None:

@@ -66,8 +66,12 @@ def make_calibration_plots(run_dir: Path) -> list[Path]:
         out += plot_estimates(fit, plots_dir / "estimates.png")
     else:
         log.info("estimates.png skipped: fit.json holds no estimates")
-    if fit.get("correlation") and len(_names(fit)) > 1:
+    names = _names(fit)
+    if len(names) > 1 and np.shape(fit.get("correlation") or []) == (len(names), len(names)):
         out += plot_correlation(fit, plots_dir / "correlation.png")
+    elif len(names) > 1:
+        log.info("correlation.png skipped: fit.json holds no %d × %d correlation", len(names),
+                 len(names))
     return out
 
 
@@ -77,7 +81,7 @@ def plot_correlation(fit: dict[str, Any], path: Path) -> list[Path]:
     import matplotlib.pyplot as plt
     names = _names(fit)
     corr = np.array([[_num(v) for v in row] for row in fit["correlation"]], dtype=float)
-    size = 1.2 + 0.55 * len(names)
+    size = max(4.0, 1.2 + 0.55 * len(names))
     fig, ax = plt.subplots(figsize=(size + 1.2, size), layout="constrained")
     image = ax.imshow(corr, cmap="RdBu_r", vmin=-1, vmax=1)
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=8)
