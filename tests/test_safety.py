@@ -117,13 +117,18 @@ def one_error_line(result: subprocess.CompletedProcess, *words: str) -> None:
 def test_a_second_writer_and_a_resume_refuse_while_a_run_writes(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first, go = held_writer(tmp_path, [*SMOKE, f"hydra.run.dir={run_dir}"])
-    before = snapshot(run_dir)
-    second, resume = run_all([["solve", *SMOKE, f"hydra.run.dir={run_dir}"],
-                              ["solve", f"resume={run_dir}"]], tmp_path)
-    for result in (second, resume):
-        one_error_line(result, str(run_dir), "in use by another neuralpde run",
-                       f"pid {first.pid}")
-    assert snapshot(run_dir) == before, "a refused writer changed the running run's files"
+    try:
+        before = snapshot(run_dir)
+        second, resume = run_all([["solve", *SMOKE, f"hydra.run.dir={run_dir}"],
+                                  ["solve", f"resume={run_dir}"]], tmp_path)
+        for result in (second, resume):
+            one_error_line(result, str(run_dir), "in use by another neuralpde run",
+                           f"pid {first.pid}")
+        assert snapshot(run_dir) == before, "a refused writer changed the running run's files"
+    except BaseException:
+        first.kill()  # never leave a writer waiting at the barrier
+        first.communicate()
+        raise
     go.touch()
     out, err = first.communicate(timeout=120)
     assert first.returncode == 0, err[-2000:]
