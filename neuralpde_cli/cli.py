@@ -17,6 +17,7 @@ SUBCOMMANDS = {
     "calibrate": ("neuralpde_cli.tasks.calibrate",
                   "Fit an SDE's parameters to data through its Fokker–Planck transition density."),
     "simulate": ("neuralpde_cli.tasks.simulate", "Sample an SDE at observation times; writes a data set."),
+    "fit": ("neuralpde_cli.tasks.fit", "Learn dynamics from data: neural SDE, jump diffusion, neural reaction–diffusion."),
 }
 
 USAGE = f"""neuralpde {__version__}: differentiable PDE solving from Hydra configs

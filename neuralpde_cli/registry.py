@@ -55,6 +55,14 @@ GROUPS: dict[str, dict[str, Option]] = {
         "multigrid": Option("neuralpde_cli.solvers.multigrid", "MultigridConfig",
                             "MultigridSolver"),
     },
+    # `neuralpde fit`: the learned-dynamics models (the target builds data, objective, report)
+    "model": {
+        "neural_sde": Option("neuralpde_cli.models.neural_sde", "NeuralSDEConfig", "SDEExperiment"),
+        "jump_diffusion": Option("neuralpde_cli.models.neural_sde", "JumpDiffusionConfig",
+                                 "SDEExperiment"),
+        "neural_rd": Option("neuralpde_cli.models.reaction_diffusion", "NeuralRDConfig",
+                            "RDExperiment"),
+    },
 }
 
 

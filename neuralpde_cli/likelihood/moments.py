@@ -66,6 +66,22 @@ def moment_moments(sde: SDE, x0: Tensor, t0: Tensor, dt: Tensor, substeps: int) 
     return m, 0.5 * (p + p.transpose(-1, -2))
 
 
+def flow_mean(sde: SDE, x0: Tensor, t0: Tensor, dt: Tensor, substeps: int) -> Tensor:
+    """m(t₀ + Δ) of the mean equation m′ = μ(t, m) alone (RK4): the noise-free one-step
+    prediction, which trains a drift before any diffusion is fitted (no Jacobian needed)."""
+    h = dt / substeps
+    hm = h[:, None]
+    m, t = x0, t0
+    for _ in range(substeps):
+        k1 = sde.drift(t, m)
+        k2 = sde.drift(t + 0.5 * h, m + 0.5 * hm * k1)
+        k3 = sde.drift(t + 0.5 * h, m + 0.5 * hm * k2)
+        k4 = sde.drift(t + h, m + hm * k3)
+        m = m + hm / 6.0 * (k1 + 2.0 * k2 + 2.0 * k3 + k4)
+        t = t + h
+    return m
+
+
 def moment_log_density(sde: SDE, x0: Tensor, x1: Tensor, t0: Tensor, dt: Tensor,
                        substeps: int = 4) -> Tensor:
     """log N(x₁; m, P) per transition: x0, x1 (n, d), t0, dt (n,) → (n,).
@@ -73,7 +89,10 @@ def moment_log_density(sde: SDE, x0: Tensor, x1: Tensor, t0: Tensor, dt: Tensor,
     A covariance that is not positive definite (a diffusion that vanishes where the path goes)
     gives −inf for that transition rather than an exception, so a training step can roll back.
     """
+    graph = torch.is_grad_enabled()  # the Jacobian needs autograd even under no_grad
     mean, cov = moment_moments(sde, x0, t0, dt, substeps)
+    if not graph:
+        mean, cov = mean.detach(), cov.detach()
     chol, info = torch.linalg.cholesky_ex(cov)
     bad = info != 0
     if bool(bad.any()):

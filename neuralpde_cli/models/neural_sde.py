@@ -29,6 +29,7 @@ from neuralpde_cli.data import Observations
 from neuralpde_cli.errors import UserError, check_choice
 from neuralpde_cli.models.spiral import (SPIRAL_A, JumpMapNet, Jumps, NeuralSDE, ScaleFirst,
                                          SpiralSDE, mean_path_loss, simulate, torchsde_paths)
+from neuralpde_cli.training.trainer import Phase
 
 METHODS = ("mean", "likelihood")
 NOISES = ("fixed", "diagonal", "additive")
@@ -70,6 +71,13 @@ class NeuralSDEConfig:
     data_dt: float = 1e-3
     #: likelihood: RK4 steps of the moment ODEs per observation interval
     moment_substeps: int = 4
+    #: likelihood: drift-only steps first, on the noise-free one-step prediction |x₁ − φ_Δ(x₀)|²/Δ
+    #: (from a random drift the likelihood's easiest way down is a huge diffusion that explains
+    #: every step as noise, where it stays)
+    warmup_steps: int = 300
+    #: likelihood: L-BFGS (strong Wolfe) after Adam, outer steps of 20 iterations each (the
+    #: likelihood is deterministic; the mean fit's loss is not, so it takes none)
+    lbfgs_steps: int = 0
     #: Adam: steps, learning rate (cosine schedule down to lr·final_lr_factor)
     steps: int = 400
     lr: float = 0.025
@@ -97,6 +105,13 @@ def check_config(cfg: NeuralSDEConfig) -> None:
     for key in ("hidden", "paths", "model_paths", "substeps", "moment_substeps", "steps"):
         if int(getattr(cfg, key)) < 1:
             raise UserError(f"model.{key}={getattr(cfg, key)} must be an integer ≥ 1")
+    for key in ("warmup_steps", "lbfgs_steps"):
+        if int(getattr(cfg, key)) < 0:
+            raise UserError(f"model.{key}={getattr(cfg, key)} must be an integer ≥ 0")
+    if cfg.method == "mean" and cfg.lbfgs_steps > 0:
+        raise UserError(f"model.lbfgs_steps={cfg.lbfgs_steps} needs model.method=likelihood: the "
+                        "mean-path loss is drawn afresh each step, which L-BFGS's line search "
+                        "cannot use")
     if cfg.observations < 2:
         raise UserError(f"model.observations={cfg.observations} must be ≥ 2 (a transition "
                         "needs two)")
@@ -171,9 +186,10 @@ class MeanObjective:
 
 
 class LikelihoodObjective:
-    """−mean log p(x₁ | x₀) over every observed transition."""
+    """−mean log p(x₁ | x₀) over every observed transition; in the ``warmup`` phase the drift
+    alone, on the noise-free one-step prediction."""
 
-    term_names = ["nll"]
+    term_names = ["flow", "nll"]
 
     def __init__(self, sde: NeuralSDE, obs: Observations, density: str, substeps: int,
                  dtype: torch.dtype, device: torch.device) -> None:
@@ -192,6 +208,11 @@ class LikelihoodObjective:
         return moment_log_density(sde, self.x0, self.x1, self.t0, self.dt, self.substeps)
 
     def loss_terms(self, phase: str) -> dict[str, Tensor]:
+        if phase == "warmup":
+            from neuralpde_cli.likelihood.moments import flow_mean
+
+            m = flow_mean(self.sde, self.x0, self.t0, self.dt, self.substeps)
+            return {"flow": (((self.x1 - m) ** 2).sum(-1) / self.dt).mean()}
         return {"nll": -self.log_density().mean()}
 
     def freeze(self) -> None:
@@ -230,7 +251,16 @@ class SDEExperiment:
         self.sde = sde
         self.jump_map = parts.get("jump")
         self.error_key = "nll" if cfg.method == "likelihood" else "mean_loss"
-        self.steps, self.lr, self.final_lr_factor = cfg.steps, cfg.lr, cfg.final_lr_factor
+
+    def phases(self) -> list[Phase]:
+        """Adam with a cosine schedule; the likelihood first warms the drift up alone."""
+        c = self.cfg
+        plan = [Phase("adam", "adam", c.steps, c.lr, "cosine", c.final_lr_factor)]
+        if c.method == "likelihood" and c.warmup_steps > 0:
+            plan.insert(0, Phase("warmup", "adam", c.warmup_steps, c.lr, "cosine", 0.1))
+        if c.lbfgs_steps > 0:
+            plan.append(Phase("lbfgs", "lbfgs", c.lbfgs_steps, 1.0, lbfgs_iters=20, history=50))
+        return plan
 
     # --- data ---------------------------------------------------------------------------------
     @property
