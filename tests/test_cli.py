@@ -74,8 +74,8 @@ def test_same_seed_same_losses(cli, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("override,expected", [
-    ("equation=wave", "Available options in 'equation'"),
-    ("ansatz=transformer", "Available options in 'ansatz'"),
+    ("equation=wave", "equation=wave is not an option of equation; choose one of"),
+    ("ansatz=transformer", "ansatz=transformer is not an option of ansatz; choose one of"),
     ("equation.diffusivity=-1", "equation.diffusivity=-1.0 must be > 0"),
     ("equation.dim=0", "equation.dim=0 must be an integer ≥ 1"),
     ("sampler.batch_size=0", "sampler.batch_size=0 must be a positive integer"),
