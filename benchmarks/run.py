@@ -25,7 +25,7 @@ import torch
 
 from benchmarks import common
 
-CASES = ("heat2d", "heat_step_cost", "heat_gmm", "fokker_planck", "diffusion", "neural_dynamics")
+CASES = ("heat2d", "heat_step_cost", "heat_gmm", "fokker_planck", "diffusion", "neural_dynamics", "ddp")
 
 
 def main(argv: list[str] | None = None) -> int:

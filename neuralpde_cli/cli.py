@@ -17,6 +17,8 @@ SUBCOMMANDS = {
     "calibrate": ("neuralpde_cli.tasks.calibrate",
                   "Fit an SDE's parameters to data through its Fokker–Planck transition density."),
     "simulate": ("neuralpde_cli.tasks.simulate", "Sample an SDE at observation times; writes a data set."),
+    "tune": ("neuralpde_cli.tasks.tune", "Search solve's settings with Optuna; a run directory per trial."),
+    "report": ("neuralpde_cli.tasks.report", "Tables and plots over run directories, sweeps and studies."),
     "fit": ("neuralpde_cli.tasks.fit", "Learn dynamics from data: neural SDE, jump diffusion, neural reaction–diffusion."),
 }
 
