@@ -107,7 +107,7 @@ def test_interrupted_fit_resumes_to_the_same_estimates(fitted: Path, tmp_path: P
     ("dim", ["data=ou.csv", "equation.dim=2"], "dim"),
     ("param", ["data=ou.csv", "fit.params=[kappa]"], "kappa"),
     ("start", ["data=ou.csv", "equation.sde.sigma=[[-0.0]]", "fit.start_from=config"], "sigma"),
-    ("cir_negative", ["data=neg.csv", "equation.sde.kind=cir"], "row"),
+    ("cir_negative", ["data=neg.csv", "equation.sde.kind=cir"], "neg.csv line"),
     ("baseline", ["data=ou.csv", "fit.baselines=[exact,milstein]"], "milstein"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, case, args, needle):
