@@ -140,7 +140,10 @@ class Trainer:
 
     def __init__(self, cfg: TrainerConfig, phases: list[Phase], model: torch.nn.Module,
                  objective: Objective, run: RunDir,
-                 evaluate: Callable[[], dict[str, float]], error_key: str = "rel_l2_error") -> None:
+                 evaluate: Callable[[], dict[str, float]], error_key: str = "rel_l2_error",
+                 shown: dict[str, str] | None = None) -> None:
+        """``error_key`` picks best.pt; ``shown`` maps the metrics recorded in metrics.csv and
+        the live line to their labels there (default: ``error_key`` under its own name)."""
         if not phases or any(p.steps < 0 for p in phases):
             raise UserError("the optimizer needs at least one phase with steps ≥ 0")
         cfg.validate()
@@ -151,6 +154,8 @@ class Trainer:
         self.run = run
         self.evaluate = evaluate
         self.error_key = error_key
+        self.shown = {error_key: error_key, **(shown or {})}
+        self.last_shown: dict[str, float] = {}
         self.total_steps = sum(p.steps for p in phases)
         self.step = 0
         self.phase_index = 0
@@ -163,12 +168,12 @@ class Trainer:
         self.last_error: float = math.nan
         self.stop_reason = "step budget"
         self.window_best, self.since_best = math.inf, 0  # plateau detection
+        self.parallel = DataParallel(model)  # several ranks (torchrun): DDP; else a no-op
         self._build_optimizer()
 
     # --- optimizers -----------------------------------------------------------------------
     @property
     def phase(self) -> Phase:
-        self.parallel = DataParallel(model)  # several ranks (torchrun): DDP; else a no-op
         return self.phases[self.phase_index]
 
     def _build_optimizer(self) -> None:
@@ -201,14 +206,14 @@ class Trainer:
 
     # --- one step -------------------------------------------------------------------------
     def _loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        return self.parallel.loss(self._local_loss)
+
+    def _local_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         terms = self.objective.loss_terms(self.phase.name)
         total = sum(self.cfg.weights.get(k, 1.0) * v for k, v in terms.items())
         return total, terms
 
     def _residual(self) -> Residual:
-        return self.parallel.loss(self._local_loss)
-
-    def _local_loss(self) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The weighted residual rows whose sum of squares is the total loss."""
         terms = self.objective.residual_terms(self.phase.name)  # type: ignore[attr-defined]
         parts = [math.sqrt(self.cfg.weights.get(k, 1.0) / r.values.numel()) * r.values
@@ -353,7 +358,7 @@ class Trainer:
     # --- the loop -------------------------------------------------------------------------
     def fit(self, resume_step: int | None = None) -> None:
         columns = ["step", "phase", "loss"] + [f"loss_{k}" for k in self.objective.term_names] \
-            + ["lr", "elapsed_s", self.error_key]
+            + ["lr", "elapsed_s", *self.shown]
         metrics = MetricsWriter(self.run.metrics_csv, columns, resume_step)
         console = Console(stderr=True)
         console.quiet = not console.is_terminal  # no live bar into a file: phase lines instead
@@ -398,8 +403,10 @@ class Trainer:
                                            "elapsed_s": self.elapsed}
                     row.update({f"loss_{k}": v for k, v in terms.items()})
                     if self.step % self.cfg.eval_every == 0 or self.phase_step == self.phase.steps:
-                        self.last_error = self.evaluate().get(self.error_key, math.nan)
-                        row[self.error_key] = self.last_error
+                        evaluated = self.evaluate()
+                        self.last_shown = {k: evaluated.get(k, math.nan) for k in self.shown}
+                        self.last_error = self.last_shown[self.error_key]
+                        row.update(self.last_shown)
                         if self.last_error < self.best:
                             self.best = self.last_error
                             self.save("best")
@@ -407,8 +414,8 @@ class Trainer:
                     if self.step % self.cfg.checkpoint_every == 0:
                         self.save()
                     info = "  ".join(f"{k} {v:.3e}" for k, v in self.last_terms.items())
-                    if math.isfinite(self.last_error):
-                        info += f"  {self.error_key} {self.last_error:.3e}"
+                    info += "".join(f"  {self.shown[k]} {v:.3e}" for k, v in self.last_shown.items()
+                                    if math.isfinite(v))
                     progress.update(bar, completed=self.step, phase=self.phase.name, info=info)
                     if self.step % self.cfg.log_every == 0:
                         log.info("step %d [%s] %s", self.step, self.phase.name, info)
