@@ -43,12 +43,12 @@ F64 = torch.float64
 CPU = torch.device("cpu")
 SETTINGS: dict[str, dict[str, Any]] = {
     "full": dict(repeats=3, big=True, tolerances=(1e-3, 1e-4, 1e-5), rd_steps=60,
-                 adaptive_steps=3, sde_steps=400, lik_steps=2000, jump_steps=400, fp=40,
+                 adaptive_steps=3, sde_steps=400, lik_steps=700, lik_lbfgs=10, jump_steps=400, fp=40,
                  timeout_s=1800),
     "quick": dict(repeats=1, big=False, tolerances=(1e-3,), rd_steps=20, adaptive_steps=1,
-                  sde_steps=150, lik_steps=300, jump_steps=150, fp=10, timeout_s=900),
+                  sde_steps=150, lik_steps=300, lik_lbfgs=2, jump_steps=150, fp=10, timeout_s=900),
     "smoke": dict(repeats=1, big=False, tolerances=(1e-3,), rd_steps=2, adaptive_steps=1,
-                  sde_steps=2, lik_steps=2, jump_steps=2, fp=2, timeout_s=300),
+                  sde_steps=2, lik_steps=2, lik_lbfgs=1, jump_steps=2, fp=2, timeout_s=300),
 }
 SPEC = Spec(
     "neural_dynamics",
@@ -179,15 +179,17 @@ def _training(s: dict, device: str, smoke: bool) -> list[Row]:
 
 def _spiral(s: dict, device: str, smoke: bool) -> list[Row]:
     setting = "spiral SDE"
-    tiny = ["model.paths=8", "model.model_paths=8", "model.observations=6"] if smoke else []
+    tiny = ["model.paths=8", "model.model_paths=8", "model.observations=6",
+            "model.warmup_steps=2"] if smoke else []
     runs = [
         ("neuralpde fit way (i): mean of paths, diffusion fixed", [], s["sde_steps"]),
         ("neuralpde fit way (i) with a learned diffusion", ["model.noise=diagonal"], s["sde_steps"]),
         ("neuralpde fit way (ii): moment likelihood", [
-            "model.method=likelihood", "model.noise=diagonal", "model.lr=0.01"], s["lik_steps"]),
+            "model.method=likelihood", "model.noise=diagonal", "model.lr=0.01",
+            f"model.lbfgs_steps={s['lik_lbfgs']}"], s["lik_steps"]),
         ("neuralpde fit way (ii) with Euler's density", [
             "model.method=likelihood", "model.noise=diagonal", "model.density=euler",
-            "model.lr=0.01"], s["lik_steps"]),
+            "model.lr=0.01", f"model.lbfgs_steps={s['lik_lbfgs']}"], s["lik_steps"]),
         ("neuralpde fit jump diffusion", ["model=jump_diffusion"], s["jump_steps"]),
     ]
     keys = ("mean_loss", "mean_loss_std", "floor_mean_loss", "noise_free_loss", "drift_error",
