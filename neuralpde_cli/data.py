@@ -272,7 +272,8 @@ def _check(obs: Observations, dim: int | None) -> None:
                         f"observation ({obs.time.shape[0]} rows, {obs.n_paths} path(s))")
 
 
-def check_state_space(obs: Observations, lower_bound: float | None, what: str) -> None:
+def check_state_space(obs: Observations, lower_bound: float | None,
+                      what: str = "the SDE") -> None:
     """A UserError at the first state ≤ ``lower_bound`` (CIR, CEV, GBM live above 0), naming
     the file, line/row and column; ``what`` names the model, e.g. "equation.sde.kind=cir"."""
     if lower_bound is None:

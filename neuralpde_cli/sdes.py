@@ -134,6 +134,11 @@ class SDE(torch.nn.Module):
     #: :meth:`sample_transition` draws from the exact law (else Euler–Maruyama sub-steps)
     has_exact_transition: bool = False
 
+    @property
+    def transition_scheme(self) -> str:
+        """What :meth:`sample_transition` does, for summaries: "exact" or the sub-step scheme."""
+        return "exact" if self.has_exact_transition else "euler"
+
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.dim = dim
@@ -437,6 +442,7 @@ class Heston(SDE):
 
     constant_diffusion = False
     has_exact_transition = False
+    transition_scheme = "exact variance, Broadie-Kaya log S"  # sub-stepped
     invariant_dims = (0,)
     #: coordinates that must stay > 0 in data (V)
     positive_dims = (1,)

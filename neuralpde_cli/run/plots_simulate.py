@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 
 #: paths drawn (the histogram uses every observation)
-MAX_PATHS = 5
+MAX_PATHS = 3
 #: state coordinates drawn, one row each
 MAX_COORDS = 4
 
@@ -68,7 +68,8 @@ def _title(summary: dict, n_paths: int, n_shown: int) -> str:
     params += ", …" if len(values) > 8 else ""
     method = summary.get("method")
     how = "exact transitions" if method == "exact" else \
-        f"Euler–Maruyama, sub-steps ≤ {summary.get('substep'):g}" if method == "euler" else ""
+        f"Euler–Maruyama, sub-steps ≤ {summary.get('substep'):g}" if method == "euler" else \
+        f"{method}, sub-steps ≤ {summary.get('substep'):g}" if method else ""
     dt = summary.get("dt") or {}
     step = f"Δt = {dt['median']:.3g}" if dt and np.isclose(dt["min"], dt["max"], rtol=1e-9) else \
         f"Δt ∈ [{dt['min']:.3g}, {dt['max']:.3g}]" if dt else ""

@@ -142,7 +142,7 @@ def simulate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     sde_cfg: SDEConfig = OmegaConf.to_object(cfg.equation.sde)
     dim = int(cfg.equation.dim)
     s = cfg.simulate
-    method = "exact" if sde.has_exact_transition else "euler"
+    method = sde.transition_scheme
     summary: dict[str, Any] = {
         "status": "running", "command": "simulate", "sde": sde_cfg.kind, "dim": dim,
         "true_values": parameter_values(sde_cfg, dim),
@@ -161,7 +161,7 @@ def simulate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     steps = np.diff(times, axis=1).reshape(-1)
     summary.update({
         "status": "completed", "files": [f.name for f in files], "paths": paths,
-        "observations": int(paths * rows), "n_transitions": int(steps.size),
+        "rows": int(paths * rows), "n_transitions": int(steps.size),
         "dt": describe_steps(steps), "irregular": str(s.irregular),
         "metrics": {"n_transitions": float(steps.size),
                     "state_mean": float(states.mean()), "state_std": float(states.std())},
