@@ -242,7 +242,9 @@ def test_torchrun_ranks_with_different_directories_refuse(tmp_path: Path) -> Non
 
 
 def test_torchrun_refuses_a_solver_that_is_not_data_parallel(tmp_path: Path) -> None:
-    result, _ = run([*TORCHRUN, "solve", "experiment=smoke", "equation=diffusion"], tmp_path)
+    """Checked before any rank joins a group: WORLD_SIZE (set by torchrun) is enough."""
+    result, _ = run([*CLI, "solve", "experiment=smoke", "equation=diffusion"], tmp_path,
+                    env={**ENV, "WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"})
     assert result.returncode != 0
     assert "optimizer=multigrid is not data-parallel" in result.stderr
     assert not (tmp_path / "outputs").exists()

@@ -26,27 +26,35 @@ def _trials(study: Path) -> list[dict]:
         return list(csv.DictReader(handle))
 
 
-def test_tiny_study_best_is_the_best_trials_run_and_the_seed_repeats(tmp_path: Path) -> None:
-    studies = []
-    for name in ("a", "b"):
-        result, _ = run([*CLI, "tune", *TOL_STUDY, "study.n_trials=2", "study.seed=5",
-                         f"hydra.run.dir={tmp_path / name}"], tmp_path)
-        assert result.returncode == 0, result.stderr[-3000:]
-        studies.append(tmp_path / name)
-    trials = _trials(studies[0])
+def _study(tmp_path: Path, name: str, *args: str) -> Path:
+    result, _ = run([*CLI, "tune", *TOL_STUDY, *args, f"hydra.run.dir={tmp_path / name}"], tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return tmp_path / name
+
+
+def test_tiny_study_best_is_the_best_trials_run(tmp_path: Path) -> None:
+    study_dir = _study(tmp_path, "a", "study.n_trials=2", "study.seed=5")
+    trials = _trials(study_dir)
     assert [t["state"] for t in trials] == ["COMPLETE", "COMPLETE"]
     errors = []
     for t in trials:  # each trial is a complete solve run directory with its own summary
         summary = read_summary(Path(t["run_dir"]))
         assert summary["config"]["optimizer"]["tol"] == pytest.approx(float(t["optimizer.tol"]))
         errors.append(summary["metrics"]["rel_l2_error"])
-    study = read_summary(studies[0])
+    study = read_summary(study_dir)
     assert study["status"] == "completed" and study["n_trials"] == 2
     assert study["metrics"]["rel_l2_error"] == min(errors)
     best = study["best"][0]
     assert read_summary(Path(best["run_dir"]))["metrics"]["rel_l2_error"] == min(errors)
-    assert [t["optimizer.tol"] for t in _trials(studies[1])] == [t["optimizer.tol"] for t in trials]
-    assert (studies[0] / "plots" / "history.png").is_file()
+    assert (study_dir / "plots" / "history.png").is_file()
+
+
+@pytest.mark.slow
+def test_the_same_seed_gives_the_same_trials(tmp_path: Path) -> None:
+    a, b, c = (_study(tmp_path, n, "study.n_trials=2", f"study.seed={seed}")
+               for n, seed in (("a", 5), ("b", 5), ("c", 6)))
+    tols = [[t["optimizer.tol"] for t in _trials(s)] for s in (a, b, c)]
+    assert tols[0] == tols[1] and tols[0] != tols[2]
 
 
 @pytest.mark.slow
@@ -68,7 +76,10 @@ def test_two_workers_share_one_journal_and_a_restart_goes_on(tmp_path: Path) -> 
     assert len(workers) == 2, "both worker processes took trials"
     result, _ = run([*CLI, "tune", f"resume={study}", "study.n_trials=7"], tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert len(_trials(study)) == 7 and read_summary(study)["n_trials"] == 7
+    trials = _trials(study)
+    assert len(trials) == 7 and read_summary(study)["n_trials"] == 7
+    tols = [t["optimizer.tol"] for t in trials]
+    assert len(set(tols)) == 7  # the restarted sampler does not repeat earlier trials
 
 
 def test_tune_bad_input_is_one_line(tmp_path: Path) -> None:

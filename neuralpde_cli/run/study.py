@@ -234,17 +234,21 @@ class StudySpec:
         return self.study_dir / TRIALS / f"{number:04d}"
 
     def open(self, worker: int) -> Any:
-        """The shared study; worker k samples with seed + k (the same seed, the same trials)."""
+        """The shared study; worker k samples with seed + k (the same seed, the same trials).
+        A restarted study's samplers start from a seed of their own (else a random start
+        would repeat the trials it already ran)."""
         optuna = import_optuna()
-        seed = self.seed + worker
-        sampler = optuna.samplers.RandomSampler(seed=seed) if self.sampler == "random" else \
-            optuna.samplers.TPESampler(seed=seed, n_startup_trials=min(10, max(2, self.n_trials // 3)))
         pruner = optuna.pruners.MedianPruner(n_startup_trials=self.prune_startup,
                                              n_warmup_steps=self.prune_warmup) \
             if self.pruner == "median" and len(self.objective) == 1 else optuna.pruners.NopPruner()
-        return optuna.create_study(storage=storage(self.storage_url, self.study_dir),
-                                   study_name=self.name, directions=self.directions,
-                                   sampler=sampler, pruner=pruner, load_if_exists=True)
+        study = optuna.create_study(storage=storage(self.storage_url, self.study_dir),
+                                    study_name=self.name, directions=self.directions,
+                                    pruner=pruner, load_if_exists=True)
+        seed = self.seed + worker + 1009 * len(study.get_trials(deepcopy=False))
+        study.sampler = optuna.samplers.RandomSampler(seed=seed) if self.sampler == "random" \
+            else optuna.samplers.TPESampler(seed=seed,
+                                            n_startup_trials=min(10, max(2, self.n_trials // 3)))
+        return study
 
 
 class ObjectiveMissing(UserError):
@@ -395,11 +399,15 @@ def plot_study(spec: StudySpec, study: Any) -> list[Path]:
     folder = spec.study_dir / "plots"
     folder.mkdir(exist_ok=True)
     single = len(spec.objective) == 1
-    target = None if single else (lambda t: t.values[0])
     name = spec.objective[0]
+    first = [t.values[0] for t in study.get_trials(deepcopy=False) if t.values]
+    if first and min(first) > 0 and max(first) > 10 * min(first):  # errors over decades
+        target, name = (lambda t: math.log10(t.values[0])), f"log10 {name}"
+    else:
+        target = None if single else (lambda t: t.values[0])
     plots = {
         "history.png" if single else "pareto_front.png":
-            (lambda: vis.plot_optimization_history(study, target_name=name)) if single else
+            (lambda: vis.plot_optimization_history(study, target_name=spec.objective[0])) if single else
             (lambda: vis.plot_pareto_front(study, target_names=spec.objective)),
         "importances.png": lambda: vis.plot_param_importances(
             study, evaluator=PedAnovaImportanceEvaluator(), target=target, target_name=name),
