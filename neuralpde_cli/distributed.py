@@ -128,6 +128,8 @@ def one_writer(device_name: str, folder: Path, explicit: bool, take: Callable[[]
     dist.all_gather_object(everyone, mine)
     if any(e[1] for e in everyone) and len({e[0] for e in everyone}) > 1:
         named = "; ".join(f"rank {r} on {host}: {path}" for r, (path, _, host) in enumerate(everyone))
+        if not here.writer:
+            _let_rank0_say_why()
         raise UserError(f"torchrun ranks would write to different run directories ({named}); "
                         "give every rank the same hydra.run.dir (rank 0 alone writes it)")
     answer: list[Any] = [None]
@@ -143,7 +145,7 @@ def one_writer(device_name: str, folder: Path, explicit: bool, take: Callable[[]
     if status == "error":
         if here.writer:
             raise UserError(text)
-        raise SystemExit(2)  # rank 0 says why; one line, not one per rank
+        _let_rank0_say_why()
     if here.writer:
         return Place(Path(text), lock)
     scratch = Path(tempfile.mkdtemp(prefix=f"neuralpde-rank{here.rank}-"))
@@ -154,6 +156,15 @@ def one_writer(device_name: str, folder: Path, explicit: bool, take: Callable[[]
             if (Path(text) / "checkpoints" / name).is_file():
                 shutil.copy2(Path(text) / "checkpoints" / name, scratch / "checkpoints" / name)
     return Place(scratch)
+
+
+def _let_rank0_say_why() -> None:
+    """A start-up refusal every rank reaches: rank 0 prints the one line and exits; the others
+    wait quietly (torchrun stops them once rank 0 has ended), then exit 2 without a word."""
+    import time
+
+    time.sleep(30)
+    raise SystemExit(2)
 
 
 def rank_seed(seed: int) -> int:
