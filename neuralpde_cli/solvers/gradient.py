@@ -69,9 +69,9 @@ class GradientSolver:
 
     def run(self, model: torch.nn.Module, objective: Objective, trainer_cfg: TrainerConfig,
             run: RunDir, evaluate: Callable[[], dict[str, float]], error_key: str,
-            resume: dict[str, Any] | None = None) -> Trainer:
+            resume: dict[str, Any] | None = None, shown: dict[str, str] | None = None) -> Trainer:
         trainer = Trainer(trainer_cfg, self.phases(trainer_cfg, objective), model, objective,
-                          run, evaluate, error_key)
+                          run, evaluate, error_key, shown)
         if resume is not None:
             trainer.load_state(resume)
         trainer.fit(resume_step=trainer.step if resume is not None else None)
