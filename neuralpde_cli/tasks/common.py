@@ -173,10 +173,10 @@ class Task:
         its own folder, as a sweep should go on)."""
         if resume_arg(args) is not None:
             raise UserError("resume= continues one run; it cannot be combined with -m")
+        distributed.check_single("a sweep (-m)")
         plain = [a for a in args if a.lstrip("+").startswith(("hydra.", "experiment="))
                  and "," not in a]
         composed = self.compose(plain)
-        distributed.check_single("a sweep (-m)")
         if composed is None:
             return _Job(self, argv=[*args, *extra])
         sweep_dir = Path(str(composed.hydra.sweep.dir)).expanduser()
@@ -294,17 +294,17 @@ def _same(current: Any, value: Any) -> bool:
         (isinstance(plain, float) and isinstance(value, int) and plain == value)
 
 
+def _device_name(cfg: DictConfig) -> str:
+    """The config's device (for the process group's backend); CPU for commands without one."""
+    return str(OmegaConf.select(cfg, "device.name", default="cpu"))
+
+
 def _without_hydra(composed: DictConfig) -> DictConfig:
     """The task's config: Hydra's composition less its ``hydra`` node (as Hydra hands it)."""
     cfg = copy.deepcopy(composed)
     with read_write(cfg), open_dict(cfg):
         del cfg["hydra"]
     return cfg
-def _device_name(cfg: DictConfig) -> str:
-    """The config's device (for the process group's backend); CPU for commands without one."""
-    return str(OmegaConf.select(cfg, "device.name", default="cpu"))
-
-
 
 
 @dataclass
