@@ -156,6 +156,13 @@ def test_smoke_runs_every_combination_to_a_complete_run_directory(smoke, name: s
             assert f"({summary['advice']})" in done
     # no live progress bar when the output is not a terminal: one line per phase instead
     assert "━" not in out.stderr + out.stdout
+    # sweep_error.png: a panel (4.6 in at 110 dpi) per override that varies, none for the
+    # constant ones (experiment, trainer.progress)
+    varying = sum(len(item.split(",")) > 1 for item in SWEEPS[name])
+    if varying:
+        from PIL import Image
+        with Image.open(sweep_dir / "sweep_error.png") as image:
+            assert image.size[0] == round(4.6 * min(varying, 3) * 110), image.size
 
 
 def test_resumed_wall_time_covers_the_training_before_the_resume(smoke, tmp_path: Path) -> None:
