@@ -4,6 +4,7 @@ that would show a spurious bump, checked against the exact Gaussian heat kernel.
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -133,10 +134,20 @@ def test_summary_grid_metrics_are_those_of_solution_npz_against_the_heat_kernel(
     the exact heat kernel (not the run's u_exact), at every eval time; and they agree with
     what a person sees: the same order as the error on exact-law points, small."""
     run_dir = tmp_path / "run"
+    start = time.perf_counter()
     out = cli("solve", "trainer.progress=false", "experiment=smoke", "equation.initial_std=0.8",
               "equation.initial_mean=[0.5,-1.0]", f"hydra.run.dir={run_dir}")
+    command_s = time.perf_counter() - start
     assert out.returncode == 0, out.stderr[-2000:]
-    metrics = read_summary(run_dir)["metrics"]
+    summary = read_summary(run_dir)
+    metrics = summary["metrics"]
+    # the command's time split: each share there, and together within the whole command
+    timings = summary["timings"]
+    assert set(timings) == {"startup_s", "train_s", "evaluate_s", "plots_s"}, timings
+    assert timings["train_s"] == pytest.approx(summary["train_time_s"])
+    assert timings["train_s"] + timings["evaluate_s"] == pytest.approx(summary["wall_time_s"])
+    assert all(v > 0 for v in timings.values()), timings  # start-up: at least the imports
+    assert sum(timings.values()) < command_s, (timings, command_s)
     with np.load(run_dir / "solution.npz") as data:
         t, x, u = data["t"], data["x"], data["u"]
     assert x.shape == (64 * 64, 2)
