@@ -204,19 +204,23 @@ def neuralpde_solve(overrides: list[str], device: str, timeout_s: float,
                     error_key: str = "rel_l2_error") -> dict[str, Any]:
     """``neuralpde solve`` in a fresh process, as a user runs it.
 
-    Returns its ``summary.json`` plus ``curve``: (trainer seconds, error) from metrics.csv.
-    Raises :class:`Unavailable` with the CLI's own message when the run fails.
+    Returns its ``summary.json`` plus ``curve``: (trainer seconds, error) from metrics.csv, and
+    ``process_s``, the command's whole wall time. Raises :class:`Unavailable` with the CLI's own
+    message when the run fails.
     """
     with tempfile.TemporaryDirectory(prefix="neuralpde-bench-") as tmp:
         args = [sys.executable, "-m", "neuralpde_cli.cli", "solve", "trainer.progress=false",
                 f"hydra.run.dir={tmp}", f"device={device}", *overrides]
+        start = time.perf_counter()
         proc = _run(args, timeout_s, cwd=tmp)
+        process_s = time.perf_counter() - start
         summary_path = Path(tmp) / "summary.json"
         summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
         if proc.returncode != 0 or summary.get("status") != "completed":
             raise Unavailable(summary.get("error") or _last_message(proc.stderr)
                               or f"neuralpde solve exited with status {proc.returncode}")
         summary["curve"] = _metrics_curve(Path(tmp) / "metrics.csv", error_key)
+        summary["process_s"] = process_s
     return summary
 
 

@@ -25,7 +25,8 @@ import torch
 
 from benchmarks import common
 
-CASES = ("heat2d", "heat_step_cost", "heat_gmm", "fokker_planck", "diffusion", "neural_dynamics", "ddp")
+CASES = ("heat2d", "heat_step_cost", "heat_gmm", "fokker_planck", "diffusion", "neural_dynamics",
+         "ddp", "mlp_density")
 
 
 def main(argv: list[str] | None = None) -> int:
