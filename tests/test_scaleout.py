@@ -227,11 +227,10 @@ def test_torchrun_solve_one_run_directory_same_parameters(tmp_path: Path) -> Non
     last = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert _digest(last["model"]) == digests[0]  # rank 0's file holds the agreed parameters
     assert len(last["objective_ranks"]) == 2  # each rank's sampler state, for resume
-    # the heat kernel, learnt on 2 ranks: the error falls by two orders from the first record
-    # (the absolute 0.05 this line once held was measured on an MLP that has not landed)
-    errors = [float(r) for r in (l.split(",")[-1] for l in
-                                 (run_dir / "metrics.csv").read_text().splitlines()[1:]) if r]
-    assert summary["metrics"]["rel_l2_error"] < errors[0] / 100
+    # the heat kernel, learnt on 2 ranks, against the exact solution (the MLP with its Gaussian
+    # envelope ends at 5.5e-4 here; 0.087 without it), on exact-law points and on the grid
+    assert summary["metrics"]["rel_l2_error"] < 5e-3, summary["metrics"]
+    assert summary["metrics"]["max_rel_peak_error"] < 5e-3, summary["metrics"]
     assert len((run_dir / "metrics.csv").read_text().splitlines()) == summary["steps"] + 1
 
 
