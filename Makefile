@@ -27,7 +27,7 @@ demo: install
 	$(BIN)/neuralpde solve device=cpu
 
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" tests
+	$(BIN)/python -m pytest -q -m "not slow" --durations=25 tests
 
 test-all: install
 	$(BIN)/python -m pytest -q tests
