@@ -18,7 +18,9 @@ and by coverage of the truth over many simulated data sets.
 
 Run it alone with ``python -m benchmarks.run --cases calibrate [--quick]``; the parts are
 ``headline``, ``coverage_ou``, ``coverage_dw``, ``cost`` and ``march``, and
-``CALIBRATE_SECTIONS=headline,cost`` runs a subset (the JSON then holds only those rows).
+``CALIBRATE_SECTIONS=headline,cost`` runs a subset (the JSON then holds only those rows);
+``CALIBRATE_SETS=20,5`` runs 20 OU and 5 double-well data sets instead of the tier's (the
+targets scale with the count, and the rows say how many ran).
 
 The "time" column: a fit's PDE part (``fit_time_s`` of fit.json: steps frozen, BFGS, SEs,
 re-adapted steps) for the PDE rows, the baseline's own fit for the others, the median over
@@ -114,7 +116,9 @@ SPEC = Spec(
 
 
 def run(quick: bool, device: str) -> list[Row]:
-    s = SETTINGS[tier(quick)]
+    s = dict(SETTINGS[tier(quick)])
+    if os.environ.get("CALIBRATE_SETS"):  # a partial coverage run: the rows say how many ran
+        s["ou_sets"], s["dw_sets"] = (int(v) for v in os.environ["CALIBRATE_SETS"].split(","))
     sections = [p.strip() for p in os.environ.get("CALIBRATE_SECTIONS", ",".join(SECTIONS)).split(",")]
     unknown = sorted(set(sections) - set(SECTIONS))
     if unknown:
