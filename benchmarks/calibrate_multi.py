@@ -1,0 +1,196 @@
+r"""Case: calibration in several dimensions and with calendar time (issue 15).
+
+Every data set comes from ``neuralpde simulate`` and every fit from ``neuralpde calibrate``, each
+a fresh process as a user runs them (profiles and binned densities off: they do not change the
+estimates).
+
+* **2-D OU** (full non-symmetric θ, correlated σ: 9 parameters), 5,000 transitions at Δt = 0.5:
+  each estimate's distance from the exact MLE (Gaussian transition, covariance by the matrix
+  exponential, fitted beside by calibrate) in the exact MLE's SEs, and the fit's time.
+* **Heston, daily and weekly**, R simulated data sets each: the mean bias in SE
+  (mean over sets of (θ̂ − θ)/SE), coverage of the truth by the 95 % intervals, the Euler
+  quasi-likelihood's κ bias beside, the median fit time.
+* **Time-inhomogeneous** dX = a(b + c·sin(πt/4) − X)dt + s√X dW, Δt = 0.25, 401 observations:
+  coverage over R simulated data sets.
+
+``CALIBRATE_MULTI_SECTIONS=heston_daily,seasonal`` runs a subset; ``CALIBRATE_MULTI_SETS``
+overrides the number of data sets (for a partial run; the table says how many ran);
+``CALIBRATE_MULTI_KEEP=DIR`` keeps every set's fit.json.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import Column, Row, Spec, Unavailable, _last_message, _run, attempt, row, tier
+
+SPEC = Spec(
+    "calibrate_multi",
+    "Calibration in several dimensions: distance from the exact MLE (2-D OU), bias and "
+    "coverage over simulated data sets (Heston, time-inhomogeneous CIR)",
+    (Column("estimates", "estimates / bias (SE)", "text"), Column("coverage", "coverage", "text"),
+     Column("time_s", "fit time (median)"), Column("target", "target", "text")),
+    ratio_key="time_s", plot="settings", plot_key="time_s",
+)
+
+SEASONAL = '''import math, torch
+def drift(t, x, a, b, c):
+    return a * (b + c * torch.sin(math.pi * t / 4)[:, None] - x)
+def diffusion(t, x, s):
+    return (s * torch.sqrt(torch.clamp(x, min=1e-12)))[:, :, None]
+'''
+
+#: name → (simulate overrides, calibrate overrides, truth, starting-value overrides)
+SETTINGS: dict[str, dict[str, Any]] = {
+    "heston_daily": dict(
+        title="Heston daily (κ 3, θ 0.2, ξ 0.25, ρ −0.8), Δt = 1/252, 500 obs.",
+        truth=dict(mu=0.05, rate=3.0, level=0.2, noise=0.25, rho=-0.8),
+        simulate=["equation.dim=2", "equation.sde.kind=heston", "equation.initial_mean=[0.0,0.2]",
+                  "simulate.observations=500", "simulate.dt=0.003968"],
+        calibrate=["equation.dim=2", "equation.sde.kind=heston"]),
+    "heston_weekly": dict(
+        title="Heston weekly (κ 3.8, θ 0.044, ξ 0.43, ρ −0.67), Δt = 0.0192, 1,300 obs.",
+        truth=dict(mu=0.05, rate=3.8, level=0.044, noise=0.43, rho=-0.67),
+        simulate=["equation.dim=2", "equation.sde.kind=heston",
+                  "equation.initial_mean=[0.0,0.044]", "simulate.observations=1300",
+                  "simulate.dt=0.0192"],
+        calibrate=["equation.dim=2", "equation.sde.kind=heston"]),
+    "seasonal": dict(
+        title="a(b + c·sin(πt/4) − X)dt + s√X dW, (2, 5, 3, 0.5), Δt = 0.25, 401 obs.",
+        truth=dict(a=2.0, b=5.0, c=3.0, s=0.5),
+        simulate=["equation.sde.kind=custom", "equation.sde.drift=./seasonal.py:drift",
+                  "equation.sde.diffusion=./seasonal.py:diffusion",
+                  "+equation.sde.params={a: 2, b: 5, c: 3, s: 0.5}", "equation.initial_mean=[5.0]",
+                  "simulate.observations=401", "simulate.dt=0.25"],
+        calibrate=["equation.sde.kind=custom", "equation.sde.drift=./seasonal.py:drift",
+                   "equation.sde.diffusion=./seasonal.py:diffusion",
+                   "+equation.sde.params={a: 1, b: 4, c: 2, s: 0.8}",
+                   "equation.sde.positive_params=[a,s]"]),
+}
+TIERS = {"full": dict(sets=20, ou_n=5000), "quick": dict(sets=3, ou_n=1000),
+         "smoke": dict(sets=1, ou_n=200)}
+SECTIONS = ("ou2", "heston_daily", "heston_weekly", "seasonal")
+#: ``CALIBRATE_MULTI_KEEP=DIR`` keeps each set's fit.json there
+KEEP = Path(os.environ["CALIBRATE_MULTI_KEEP"]) if os.environ.get("CALIBRATE_MULTI_KEEP") else None
+#: a diagnostics-free fit: the estimates and SEs do not depend on these
+LEAN = ["fit.profile_points=0", "fit.density_bins=1"]
+
+
+def run(quick: bool, device: str) -> list[Row]:
+    level = tier(quick)
+    s = dict(TIERS[level])
+    if os.environ.get("CALIBRATE_MULTI_SETS"):
+        s["sets"] = int(os.environ["CALIBRATE_MULTI_SETS"])
+    chosen = os.environ.get("CALIBRATE_MULTI_SECTIONS", ",".join(SECTIONS)).split(",")
+    work = Path(tempfile.mkdtemp(prefix="neuralpde-bench-calibrate-multi-"))
+    (work / "seasonal.py").write_text(SEASONAL)
+    rows: list[Row] = []
+    try:
+        if "ou2" in chosen:
+            rows += attempt("neuralpde calibrate (PDE)", "2-D OU", lambda: _ou2(s, device, work))
+        for name in SECTIONS[1:]:
+            if name in chosen:
+                rows += attempt("neuralpde calibrate (PDE)", SETTINGS[name]["title"],
+                                lambda name=name: _replications(name, s["sets"], device, work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return rows
+
+
+def _cli(command: str, overrides: list[str], run_dir: Path, device: str) -> dict[str, Any]:
+    """One ``neuralpde`` command in a fresh process; its fit.json (calibrate) or summary."""
+    args = [sys.executable, "-m", "neuralpde_cli.cli", command, f"hydra.run.dir={run_dir}",
+            f"device={device}", *overrides]
+    proc = _run(args, 7200, cwd=str(run_dir.parent))
+    out = run_dir / ("fit.json" if command == "calibrate" else "summary.json")
+    if proc.returncode != 0 or not out.exists():
+        raise Unavailable(_last_message(proc.stderr) or f"neuralpde {command}: status {proc.returncode}")
+    return json.loads(out.read_text())
+
+
+def _se_text(se: float | None) -> str:
+    return "no SE" if se is None else f"{se:.2g}"
+
+
+def _ou2(s: dict[str, Any], device: str, work: Path) -> list[Row]:
+    """2-D OU at the issue's size: distances from the exact MLE in its SEs, SE ratios, time."""
+    sim = work / "ou2_data"
+    _cli("simulate", ["equation.dim=2", "equation.sde.kind=ou",
+                      "equation.sde.theta=[[1.0,0.6],[-0.4,0.8]]", "equation.sde.mean=[1.0,-0.5]",
+                      "equation.sde.sigma=[[0.8,0.0],[0.4,0.6]]", "equation.initial_mean=[1.0,-0.5]",
+                      f"simulate.observations={s['ou_n']}", "simulate.dt=0.5", "seed=21"], sim, device)
+    fit = _cli("calibrate", [f"data={sim}/data.csv", "equation.dim=2", "equation.sde.kind=ou",
+                             "equation.sde.theta=[[1.0,0.0],[0.0,1.0]]", "equation.sde.mean=[0.0,0.0]",
+                             "equation.sde.sigma=[[1.0,0.0],[0.0,1.0]]", "ansatz.components=1",
+                             *LEAN], work / "ou2_fit", device)
+    exact = fit["baselines"]["exact"]
+    dist = {n: abs(fit["estimates"][n] - exact["estimates"][n]) / exact["se"][n] for n in fit["names"]}
+    ratio = {n: fit["se"][n] / exact["se"][n] for n in fit["names"]}
+    worst, worst_ratio = max(dist.values()), max(abs(r - 1) for r in ratio.values())
+    ok = worst <= 0.1 and fit["fit_time_s"] <= 120
+    return [row("neuralpde calibrate (PDE)", f"2-D OU, 9 parameters, {s['ou_n']:,} × Δt = 0.5",
+                estimates=f"worst distance {worst:.2g} SE (exact MLE)",
+                coverage=f"SE ratio within {worst_ratio:.2%}", time_s=fit["fit_time_s"],
+                target=f"{'met' if ok else 'NOT met'}: ≤ 0.1 SE, ≤ 2 min",
+                distances=dist, se_ratios=ratio, wall_time_s=fit["wall_time_s"])]
+
+
+def _replications(name: str, sets: int, device: str, work: Path) -> list[Row]:
+    """R data sets of one setting, each simulated and fitted by the CLI; bias and coverage."""
+    setting = SETTINGS[name]
+    truth = setting["truth"]
+    truth_overrides = [f"equation.sde.{k}={v!r}" for k, v in truth.items()] \
+        if name != "seasonal" else []
+    fits = []
+    for i in range(sets):
+        sim = work / f"{name}_data_{i}"
+        _cli("simulate", [*setting["simulate"], *truth_overrides, f"seed={100 + i}"], sim, device)
+        fit = _cli("calibrate", [f"data={sim}/data.csv", *setting["calibrate"], *LEAN],
+                   work / f"{name}_fit_{i}", device)
+        fits.append(fit)
+        shutil.rmtree(sim, ignore_errors=True)
+        if KEEP:  # every set's fit.json, to look into one that went wrong
+            KEEP.mkdir(parents=True, exist_ok=True)
+            shutil.copy(work / f"{name}_fit_{i}" / "fit.json", KEEP / f"{name}_{i}.json")
+        print(f"  {name} set {i + 1}/{sets}: " + ", ".join(
+            f"{n} {fit['estimates'][n]:.4g} ± {_se_text(fit['se'].get(n))}" for n in fit["names"])
+            + f"  ({fit['fit_time_s']:.0f} s)", file=sys.stderr, flush=True)
+    rows = []
+    for method, key in (("neuralpde calibrate (PDE)", None), ("Euler quasi-likelihood", "euler")):
+        results = [f if key is None else f["baselines"].get(key) for f in fits]
+        if any(r is None for r in results):
+            continue
+        names = list(truth)
+        # a fit without a standard error (its information matrix not positive definite) has
+        # no interval: it counts as not covering, and is left out of the mean bias
+        z = {n: [(r["estimates"][n] - truth[n]) / r["se"][n] if r["se"].get(n) else None
+                 for r in results] for n in names}
+        bias = {n: statistics.fmean(x for x in v if x is not None) for n, v in z.items()}
+        cover = {n: sum(x is not None and abs(x) <= 1.959964 for x in z[n]) for n in names}
+        no_se = sum(any(r["se"].get(n) is None for n in names) for r in results)
+        rel_bias = {n: statistics.fmean(r["estimates"][n] for r in results) / truth[n] - 1
+                    for n in names}
+        times = [r["fit_time_s"] if key is None else r.get("wall_time_s") for r in results]
+        pde = key is None
+        ok = pde and all(abs(b) <= 0.25 for b in bias.values()) and \
+            all(c >= math.ceil(0.85 * sets) for c in cover.values())
+        rows.append(row(method, setting["title"],
+                        estimates=", ".join(f"{n} {bias[n]:+.2f}" for n in names),
+                        coverage=", ".join(f"{n} {cover[n]}/{sets}" for n in names),
+                        time_s=statistics.median(t for t in times if t is not None),
+                        target=(f"{'met' if ok else 'NOT met'}: |bias| ≤ 0.25 SE, ≥ 17/20"
+                                if pde else "—"),
+                        note=f"{no_se} of {sets} fits without an SE" if no_se else "",
+                        sets=sets, bias_se=bias, covered=cover, relative_bias=rel_bias,
+                        estimates_by_set=[r["estimates"] for r in results],
+                        se_by_set=[r["se"] for r in results]))
+    return rows
