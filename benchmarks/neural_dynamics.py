@@ -156,15 +156,15 @@ def _training(s: dict, device: str, smoke: bool) -> list[Row]:
             ("neuralpde fit RKL2 h=0.25, Adam only", adam),
             ("neuralpde fit RKL2 h=0.5, Adam only", [*adam, "model.integrator.step=0.5"]),
             ("neuralpde fit RKC2 h=0.25, Adam only", [*adam, "model.integrator.method=rkc2"]),
-            ("neuralpde fit bosh3 tol=1e-3 (adjoint), Adam", [*few, "model.integrator.method=bosh3"]),
-            ("neuralpde fit dopri5 tol=1e-3 (adjoint), Adam", [*few, "model.integrator.method=dopri5"])]
+            ("neuralpde fit bosh3 tol=1e-3 (backprop), Adam", [*few, "model.integrator.method=bosh3"]),
+            ("neuralpde fit dopri5 tol=1e-3 (backprop), Adam", [*few, "model.integrator.method=dopri5"])]
     rows = []
     for name, extra in runs:
         def one(extra: list[str] = extra, name: str = name) -> Row:
             summary = neuralpde_fit(["model=neural_rd", *size, *extra], device, s["timeout_s"])
             m = summary["metrics"]
             per_step = summary["train_time_s"] / max(1, summary["steps"])
-            adaptive = "adjoint" in name
+            adaptive = any(k in name for k in ("bosh3", "dopri5"))
             return row(name, setting, rhs_evals=int(m["rhs_evals_per_solve"]),
                        error=m["reaction_error"],
                        time_s=per_step * s["rd_steps"] if adaptive else summary["train_time_s"],
