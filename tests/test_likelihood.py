@@ -178,3 +178,54 @@ def test_custom_callables_take_named_parameters_and_are_differentiable(tmp_path,
                     params={"a": 2.0, "b": 5.0, "c": 3.0, "s": 0.5, "k": 1.0})
     with pytest.raises(Exception, match="'k'"):
         build_sde_with(bad, 1, {}, F64, CPU)
+
+
+def _quadratic_in_log(centre: float, seen: list[float], refuse_below: float = 0.0):
+    """−log L = 50·(log σ − log centre)², a UserError for σ < refuse_below (as a march refuses
+    a diffusion singular at a start point), recording every σ it is asked about."""
+    from neuralpde_cli.errors import UserError
+
+    def objective(theta: np.ndarray):
+        sigma = float(theta[0])
+        seen.append(sigma)
+        if sigma < refuse_below:
+            raise UserError(f"the diffusion matrix is singular at σ = {sigma}")
+        r = math.log(sigma) - math.log(centre)
+        return 50.0 * r * r, np.array([100.0 * r / sigma])
+    return objective
+
+
+def test_a_wild_start_curvature_moves_a_positive_parameter_by_at_most_e_squared():
+    """A starting inverse Hessian 10⁶ too large (Kessler's where it fits badly) must not send
+    the first trial to an absurd θ: one line search moves log σ by at most 2."""
+    seen: list[float] = []
+    state = fitting.minimize(_quadratic_in_log(1.0, seen), np.array([0.5]), ["positive"],
+                             hinv0=np.array([[1e6]]))
+    assert max(seen) <= 0.5 * math.exp(2.0) * (1 + 1e-12)
+    assert state.converged and abs(fitting.to_natural(state.u, ["positive"])[0][0] - 1.0) < 1e-4
+
+
+def test_a_refused_trial_point_is_backed_off_but_a_refused_start_is_reported():
+    from neuralpde_cli.errors import UserError
+    seen: list[float] = []
+    # the first trial lands below 0.3, which the objective refuses: the line search backs off
+    state = fitting.minimize(_quadratic_in_log(0.35, seen, refuse_below=0.3), np.array([2.0]),
+                             ["positive"], hinv0=np.array([[10.0]]))
+    assert min(seen) < 0.3 and state.converged
+    assert abs(fitting.to_natural(state.u, ["positive"])[0][0] - 0.35) < 1e-4
+    with pytest.raises(UserError, match="singular"):
+        fitting.minimize(_quadratic_in_log(1.0, [], refuse_below=0.3), np.array([0.2]), ["positive"])
+
+
+def test_information_that_cannot_be_computed_gives_no_standard_error_not_a_crash():
+    """An objective that fails beside the optimum (a march that cannot be factored there):
+    the SEs are NaN and the sandwich too, no exception."""
+    def objective(theta: np.ndarray):
+        if theta[0] > 1.0:
+            raise np.linalg.LinAlgError("Cholesky: not positive definite")
+        return float((theta[0] - 1.0) ** 2), np.array([2.0 * (theta[0] - 1.0)])
+    state = fitting.FitState(np.array([1.0]), 0.0, np.array([0.0]), np.eye(1), converged=True)
+    result = fitting.summarize(["x"], objective, state, ["free"])
+    assert np.isnan(result.se).all()
+    cov, se = fitting.sandwich(np.array([[0.0]]), np.ones((5, 1)))
+    assert np.isnan(se).all()

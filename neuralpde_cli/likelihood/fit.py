@@ -132,20 +132,29 @@ def _gradient_u(objective: Objective, u: np.ndarray, kinds: list[str]) -> tuple[
     return f, grad
 
 
-def _safe(objective: Objective) -> Objective:
-    """An evaluation that fails numerically (a march that diverges at an absurd trial θ)
-    counts as +∞, so the line search backs off instead of the fit crashing."""
+def _safe(objective: Objective, trial: bool = True) -> Objective:
+    """An evaluation that fails numerically (a march that diverges at an absurd trial θ, a
+    Cholesky factor that does not exist) counts as +∞, so the line search backs off instead of
+    the fit crashing. At a trial point a refusal of the θ itself (a diffusion singular at a
+    start point when σ → 0) counts as +∞ too; at the starting values (``trial=False``) it is
+    the user's to read."""
     def wrapped(theta: np.ndarray) -> tuple[float, Optional[np.ndarray]]:
         try:
             f, g = objective(theta)
-        except (FloatingPointError, ArithmeticError, RuntimeError) as exc:
-            if isinstance(exc, UserError):
+        except (FloatingPointError, ArithmeticError, RuntimeError, np.linalg.LinAlgError):
+            return math.inf, None
+        except UserError:
+            if not trial:
                 raise
             return math.inf, None
         if not math.isfinite(f) or (g is not None and not np.all(np.isfinite(g))):
             return math.inf, None
         return f, g
     return wrapped
+
+
+#: the largest move of one unconstrained coordinate in one line search
+MAX_STEP_U = 2.0
 
 
 def minimize(objective: Objective, start: np.ndarray, kinds: list[str], *,
@@ -157,7 +166,7 @@ def minimize(objective: Objective, start: np.ndarray, kinds: list[str], *,
     safe = _safe(objective)
     if state is None:
         u = to_unconstrained(np.asarray(start, float), kinds)
-        f, g = _gradient_u(safe, u, kinds)
+        f, g = _gradient_u(_safe(objective, trial=False), u, kinds)
         if not math.isfinite(f):
             raise UserError("the log-likelihood is not finite at the starting values "
                             f"{np.round(to_natural(u, kinds)[0], 6).tolist()}; choose others")
@@ -175,7 +184,10 @@ def minimize(objective: Objective, start: np.ndarray, kinds: list[str], *,
         if -0.5 * slope < tol:
             state.converged = True
             break
-        step, accepted = 1.0, False
+        # at most MAX_STEP_U per coordinate in u (a factor e² for a positive parameter): a start
+        # curvature that is far off (Kessler's, where it fits badly) must not send the first
+        # trial to an absurd θ, whose march is slow to fail
+        step, accepted = min(1.0, MAX_STEP_U / max(float(np.abs(direction).max()), 1e-300)), False
         for _ in range(40):
             u_new = state.u + step * direction
             f_new, g_new = _gradient_u(safe, u_new, kinds)
@@ -216,9 +228,10 @@ def observed_information(objective: Objective, theta: np.ndarray,
         up, down = theta.copy(), theta.copy()
         up[i] += h
         down[i] -= h
-        gu, gd = objective(up)[1], objective(down)[1]
-        if gu is None or gd is None:
-            raise UserError("observed information needs gradients of the log-likelihood")
+        gu, gd = _safe(objective)(up)[1], _safe(objective)(down)[1]
+        if gu is None or gd is None:  # no gradient there: no SE (summarize reports NaN)
+            hess[:, i] = np.nan
+            continue
         hess[:, i] = (np.asarray(gu) - np.asarray(gd)) / (2 * h)
     return 0.5 * (hess + hess.T)
 
@@ -244,6 +257,8 @@ def summarize(names: list[str], objective: Objective, state: FitState, kinds: li
     theta = to_natural(state.u, kinds)[0]
     hess = observed_information(objective, theta, scale)
     try:
+        if not np.all(np.isfinite(hess)):
+            raise np.linalg.LinAlgError("observed information not finite")
         cov = np.linalg.inv(hess)
         se = np.sqrt(np.diag(cov)) if bool(np.all(np.diag(cov) > 0)) else np.full(len(theta), np.nan)
     except np.linalg.LinAlgError:
@@ -257,6 +272,10 @@ def summarize(names: list[str], objective: Objective, state: FitState, kinds: li
 def sandwich(hessian: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Huber's sandwich H⁻¹(Σₖ sₖsₖᵀ)H⁻¹ from per-transition scores sₖ = ∇ log p(xₖ₊₁ | xₖ)
     (n, P): standard errors that stay valid when the model's noise is misspecified."""
-    h_inv = np.linalg.inv(hessian)
+    try:
+        h_inv = np.linalg.inv(hessian)
+    except np.linalg.LinAlgError:  # singular (or NaN) information: no SE, as in summarize
+        nan = np.full_like(np.asarray(hessian, float), np.nan)
+        return nan, np.full(len(nan), np.nan)
     cov = h_inv @ (scores.T @ scores) @ h_inv
     return cov, np.sqrt(np.clip(np.diag(cov), 0.0, None))
