@@ -374,12 +374,7 @@ class Fitter:
                 for k, v in zip(self.names, theta)}
 
     def objective(self, log_density: Callable[[dict[str, torch.Tensor]], torch.Tensor]) -> fitting.Objective:
-        def nll(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            values = self.tensors(theta, True)
-            total = -log_density(values).sum()
-            grads = torch.autograd.grad(total, list(values.values()), allow_unused=True)
-            return float(total.detach()), np.array([0.0 if g is None else float(g) for g in grads])
-        return nll
+        return fitting.autograd_objective(log_density, self.tensors)
 
     def gaussian(self, which: str) -> fitting.FitResult:
         fn = euler_log_density if which == "euler" else kessler_log_density

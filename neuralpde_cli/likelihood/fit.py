@@ -216,6 +216,20 @@ def minimize(objective: Objective, start: np.ndarray, kinds: list[str], *,
     return state
 
 
+def autograd_objective(log_density: Callable[[dict[str, "torch.Tensor"]], "torch.Tensor"],
+                       tensors: Callable[[np.ndarray, bool], dict[str, "torch.Tensor"]]) -> Objective:
+    """θ ↦ (−log L, its gradient by autograd) for a differentiable log-density of named
+    parameter tensors; ``tensors(θ, requires_grad)`` makes those tensors."""
+    import torch
+
+    def nll(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        values = tensors(theta, True)
+        total = -log_density(values).sum()
+        grads = torch.autograd.grad(total, list(values.values()), allow_unused=True)
+        return float(total.detach()), np.array([0.0 if g is None else float(g) for g in grads])
+    return nll
+
+
 def observed_information(objective: Objective, theta: np.ndarray,
                          scale: np.ndarray | None = None) -> np.ndarray:
     """∇²(−log L) at θ by central differences of the gradient, steps 1e-4 of each parameter's
@@ -223,12 +237,13 @@ def observed_information(objective: Objective, theta: np.ndarray,
     p = len(theta)
     scale = np.maximum(np.abs(theta) if scale is None else np.asarray(scale, float), 1e-8)
     hess = np.empty((p, p))
+    safe = _safe(objective)
     for i in range(p):
         h = 1e-4 * scale[i]
         up, down = theta.copy(), theta.copy()
         up[i] += h
         down[i] -= h
-        gu, gd = _safe(objective)(up)[1], _safe(objective)(down)[1]
+        gu, gd = safe(up)[1], safe(down)[1]
         if gu is None or gd is None:  # no gradient there: no SE (summarize reports NaN)
             hess[:, i] = np.nan
             continue

@@ -139,12 +139,7 @@ class Problem:
 
     def objective(self, log_density: Callable[[dict[str, Tensor]], Tensor]) -> fitting.Objective:
         """θ ↦ (−log L, its gradient by autograd) for a differentiable log-density."""
-        def nll(theta: np.ndarray) -> tuple[float, np.ndarray]:
-            values = self.tensors(theta, True)
-            total = -log_density(values).sum()
-            grads = torch.autograd.grad(total, list(values.values()), allow_unused=True)
-            return float(total.detach()), np.array([0.0 if g is None else float(g) for g in grads])
-        return nll
+        return fitting.autograd_objective(log_density, self.tensors)
 
 
 # --- baselines ---------------------------------------------------------------------------------
