@@ -386,26 +386,16 @@ class Fitter:
     def pde(self, start: fitting.FitResult, mixture: GMMConfig,
             march: TimeMarchConfig) -> tuple[fitting.FitResult, int]:
         theta = start.estimates
-        jac = fitting.to_natural(fitting.to_unconstrained(theta, self.kinds), self.kinds)[1]
-        hinv0 = None
-        try:
-            hinv0 = np.linalg.inv(np.outer(jac, jac) * start.hessian)
-            if not np.all(np.linalg.eigvalsh(0.5 * (hinv0 + hinv0.T)) > 0):
-                hinv0 = None
-        except np.linalg.LinAlgError:
-            pass
+        hinv0 = fitting.start_inverse_hessian(theta, start.hessian, self.kinds)
         density = TransitionDensity(self.sde, self.tset, mixture, march, PDELikelihoodConfig())
         density.freeze_steps(self.tensors(theta, False))
         nll = self.objective(lambda v: density.log_density(v))
         state = fitting.minimize(nll, theta, self.kinds, hinv0=hinv0, max_iter=100, tol=1e-7)
         result = fitting.summarize(self.names, nll, state, self.kinds)
-        steps = density.freeze_steps(self.tensors(result.estimates, False))  # re-adapt, as calibrate
-        with torch.no_grad():
-            again = float(density.log_density(self.tensors(result.estimates, False), False).sum())
-        if abs(again - result.loglik) > 1e-3:
-            state = fitting.minimize(nll, result.estimates, self.kinds, max_iter=100, tol=1e-7)
-            result = fitting.summarize(self.names, nll, state, self.kinds)
-        return result, steps
+        result, _ = fitting.confirm_discretization(  # re-adapt at the optimum, as calibrate does
+            self.names, nll, result, self.kinds,
+            lambda th: density.readapted_loglik(self.tensors(th, False)), max_iter=100, tol=1e-7)
+        return result, len(density.step_times)
 
 
 def _coverage(kind: str, sets: int, n: int, dt: float, seed: int, device_name: str,

@@ -83,6 +83,26 @@ def test_ou_log_density_matches_exact_with_irregular_dt_and_gradient_is_exact():
         assert abs(float(values[name].grad) - g) < 2e-3 * max(1.0, abs(g)), name
 
 
+def test_steps_frozen_far_away_are_chosen_again_and_the_density_stays_exact():
+    """Steps frozen at a slow OU (θ = 0.1) are far too long for θ = 8: the replay's own error
+    estimate says so, the steps are chosen again there, and the log-density is the exact one
+    to 2e-4 (the stale replay alone is off by 1.2e-3 here; on the double well it breaks down)."""
+    x = ou_path(300, 0.5, 8.0, 0.0, 1.0, seed=4)
+    td = density("ou", x[:-1], x[1:], np.full(300, 0.5))
+    td.freeze_steps(tensors(theta=0.1, mean=0.0, sigma=1.0))
+    slow_steps = list(td.step_times)
+    fast = tensors(theta=8.0, mean=0.0, sigma=1.0)
+    lp = td.log_density(fast)
+    exact = ou_log_density(x[:-1], x[1:], np.full(300, 0.5), 8.0, 0.0, 1.0)
+    assert td.refreezes == 1 and len(td.step_times) > len(slow_steps)
+    assert np.abs(lp.detach().numpy() - exact).max() < 2e-4
+    lp.sum().backward()  # the re-chosen march is differentiable as the replay was
+    assert all(torch.isfinite(v.grad) for v in fast.values())
+    # near the freeze point the frozen steps are kept: the likelihood stays one smooth function
+    td.log_density(tensors(theta=8.05, mean=0.0, sigma=1.0))
+    assert td.refreezes == 1
+
+
 def test_cir_monthly_needs_and_gets_a_non_gaussian_density():
     """CIR at Δt = 1/12 is skewed: one Gaussian is off by 4e-2 per point on average, three
     components from the short-time start by ≤ 3e-3 (against the non-central χ²)."""

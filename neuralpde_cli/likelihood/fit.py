@@ -216,6 +216,34 @@ def minimize(objective: Objective, start: np.ndarray, kinds: list[str], *,
     return state
 
 
+def start_inverse_hessian(theta: np.ndarray, hessian: np.ndarray | list, kinds: list[str]
+                          ) -> np.ndarray | None:
+    """BFGS's first inverse Hessian in u from another fit's Hessian in θ at θ (a Gaussian
+    baseline's): None when that is not positive definite."""
+    jac = to_natural(to_unconstrained(np.asarray(theta, float), kinds), kinds)[1]
+    try:
+        hinv = np.linalg.inv(np.outer(jac, jac) * np.asarray(hessian, float))
+    except np.linalg.LinAlgError:
+        return None
+    ok = np.all(np.isfinite(hinv)) and np.all(np.linalg.eigvalsh(0.5 * (hinv + hinv.T)) > 0)
+    return hinv if ok else None
+
+
+def confirm_discretization(names: list[str], objective: Objective, result: FitResult,
+                           kinds: list[str], readapt: Callable[[np.ndarray], float], *,
+                           max_iter: int, tol: float, threshold: float = 1e-3
+                           ) -> tuple[FitResult, dict]:
+    """A fit whose objective was discretized once (step times frozen) is checked by choosing the
+    discretization again at the optimum: ``readapt(θ̂)`` does that and returns log L there. When
+    that moves log L by more than ``threshold``, the fit goes on from θ̂ under the new one."""
+    readapted = readapt(result.estimates)
+    check = {"loglik_replayed_steps": result.loglik, "loglik_readapted_steps": readapted}
+    if abs(readapted - result.loglik) > threshold:
+        state = minimize(objective, result.estimates, kinds, max_iter=max_iter, tol=tol)
+        result = summarize(names, objective, state, kinds)
+    return result, check
+
+
 def autograd_objective(log_density: Callable[[dict[str, "torch.Tensor"]], "torch.Tensor"],
                        tensors: Callable[[np.ndarray, bool], dict[str, "torch.Tensor"]]) -> Objective:
     """θ ↦ (−log L, its gradient by autograd) for a differentiable log-density of named

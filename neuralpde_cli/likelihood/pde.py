@@ -18,9 +18,12 @@ per θ covers every transition of a data set:
 * **Smooth and differentiable in θ.** The march keeps its autograd graph, so the gradient of the
   log-likelihood is one backward pass. Adaptive step control would make the likelihood a
   piecewise function of θ (a step accepted at one θ, rejected at the next), so the step times
-  are fixed per fit (:meth:`TransitionDensity.freeze_steps`, chosen adaptively at a θ) and
-  replayed: the likelihood is then a smooth function of θ, and the fitter re-adapts the steps
-  at the optimum to check that they did not matter.
+  are fixed (:meth:`TransitionDensity.freeze_steps`, chosen adaptively at a θ) and replayed:
+  the likelihood is then a smooth function of θ, and the fitter re-adapts the steps at the
+  optimum to check that they did not matter. A replay still computes each step's error
+  estimate; when θ has moved so far that the frozen steps no longer suit it, they are chosen
+  again there (:data:`STALE_ERROR`), so a fit that walks far from its start does not follow
+  gradients of a broken march.
 
 The coefficients are SDE modules from :mod:`neuralpde_cli.sdes` built by a callable from
 parameter tensors, so this module knows nothing of which SDE it is fitting.
@@ -41,7 +44,7 @@ from neuralpde_cli.ansatz.gmm import GaussianMixtureAnsatz, GMMConfig, MixtureLa
 from neuralpde_cli.equations.fokker_planck import FokkerPlanck, FokkerPlanckConfig
 from neuralpde_cli.errors import UserError
 from neuralpde_cli.sdes import SDE, SDEConfig
-from neuralpde_cli.solvers.time_march import TimeMarchConfig, TimeMarcher
+from neuralpde_cli.solvers.time_march import Diverged, TimeMarchConfig, TimeMarcher
 
 
 @dataclass
@@ -112,6 +115,12 @@ class PDELikelihoodConfig:
 
 
 AUTO_GRID = {1: 16, 2: 8, 3: 5}
+#: a replayed step whose error estimate exceeds this many tolerances means that the step times,
+#: chosen at other parameters, no longer suit these (steps about 1.6× longer than the error
+#: control would take): they are chosen again here. A double-well fit that walks from Kessler's
+#: (1.06, 0.74, 0.68) towards (1, 1, 0.5) reaches 9 tolerances 20 % of the way and 580 at 30 %,
+#: where the replay's Cholesky factors break down.
+STALE_ERROR = 10.0
 #: base points per component when the march's own rule is automatic: a transition density is
 #: a smooth, few-component mixture, and 24 Gauss–Hermite nodes (exact to degree 47) give the
 #: CIR monthly log-densities of 64 to 1e-5 at a third of the cost (README § Calibration)
@@ -187,6 +196,8 @@ class TransitionDensity:
             if self.time_dependent:
                 self.offsets = unique[:, tr.dim].contiguous()
         self.step_times: list[float] | None = None
+        #: how often the replayed steps were found stale and chosen again (fit.json reports it)
+        self.refreezes = 0
         eye = np.eye(tr.dim).tolist()  # a placeholder SDE; each evaluation swaps in its own
         eq_cfg = FokkerPlanckConfig(dim=tr.dim, t_final=self.t_final, initial="gaussian",
                                     sde=SDEConfig(kind="brownian", sigma=eye),
@@ -223,6 +234,22 @@ class TransitionDensity:
         return x0 + eps * sde.drift(t, x0), chol
 
     def _march(self, values: dict[str, Tensor], differentiable: bool):
+        """The march at ``values``: the frozen steps replayed while their own error estimates
+        say they still suit these parameters (see :data:`STALE_ERROR`), else steps chosen anew
+        here and frozen from now on."""
+        if self.step_times is None:
+            return self._run(values, differentiable)
+        try:
+            result = self._run(values, differentiable)
+            if max(h["error"] for h in result.history) <= STALE_ERROR:
+                return result
+        except (Diverged, RuntimeError, ArithmeticError):  # torch's LinAlgError is a RuntimeError
+            pass  # the stale steps broke the march: new ones decide whether θ itself is at fault
+        self.refreezes += 1
+        self.freeze_steps(values)
+        return self._run(values, differentiable)
+
+    def _run(self, values: dict[str, Tensor], differentiable: bool):
         eq = self._equation(values)
         mean0, chol0 = self._start_law(eq.sde)
         return self.marcher.run(eq, self.ansatz, x0_batch=mean0, initial_chol=chol0,
@@ -232,11 +259,21 @@ class TransitionDensity:
 
     def freeze_steps(self, values: dict[str, Tensor]) -> int:
         """Choose the step times adaptively at ``values`` and replay them from now on."""
-        self.step_times = None
-        with torch.no_grad():
-            result = self._march({k: v.detach() for k, v in values.items()}, False)
+        frozen, self.step_times = self.step_times, None
+        try:
+            with torch.no_grad():
+                result = self._run({k: v.detach() for k, v in values.items()}, False)
+        except BaseException:
+            self.step_times = frozen  # a θ the march cannot cross leaves the old steps in place
+            raise
         self.step_times = [h["t"] for h in result.history]
         return len(self.step_times)
+
+    def readapted_loglik(self, values: dict[str, Tensor]) -> float:
+        """Steps chosen again at ``values`` (and frozen from now on), and log L with them."""
+        self.freeze_steps(values)
+        with torch.no_grad():
+            return float(self.log_density(values, False).sum())
 
     def states(self, values: dict[str, Tensor], differentiable: bool = True) -> Tensor:
         """The mixture state (n, size) of each transition's density at its own Δ."""

@@ -412,7 +412,8 @@ class TimeMarcher:
         """Accepted times, per-step polynomial coefficients (B, 5, n) in θ, and the history.
 
         With ``step_times`` the steps end exactly there (Dormand–Prince, or RK4 with
-        ``method=rk4``) and no step is rejected."""
+        ``method=rk4``) and no step is rejected; each step's error estimate, in units of the
+        tolerance, is still recorded (``history[i]["error"]``)."""
         cfg = self.cfg
         adaptive = cfg.method == "rk45" and step_times is None
         tab = DOPRI5 if cfg.method == "rk45" else RK4
@@ -434,9 +435,11 @@ class TimeMarcher:
             h = min(h, t_final - t) if adaptive else float(grid[len(history) + 1] - t)
             f.residual = 0.0
             y_new, k_new, err, poly = self._step(f, tab, t, y, h, k1)
-            norm = self._error_norm(f.layout, err.detach(), y_new.detach()) if adaptive else (
-                0.0 if bool(torch.isfinite(y_new).all()) else math.inf)
-            if norm > 1.0:
+            # a replayed step is never rejected, but its error estimate is kept: it tells the
+            # caller whether steps chosen at other parameters still suit these
+            norm = self._error_norm(f.layout, err.detach(), y_new.detach()) if err is not None \
+                else 0.0 if bool(torch.isfinite(y_new).all()) else math.inf
+            if norm > 1.0 and (adaptive or not math.isfinite(norm)):
                 if not adaptive or h < 1e-14 * t_final:
                     raise Diverged(f"time-march failed at t={t:.6g} (step {h:.3g}, error "
                                    f"{norm:.3g}): the least-squares velocity blew up; increase "
@@ -447,7 +450,8 @@ class TimeMarcher:
             coeffs.append(torch.cat([y.unsqueeze(1), poly], 1))
             y, k1 = y_new, k_new
             times.append(t)
-            info = {"dt": h, "lstsq_residual": f.residual, "elapsed_s": time.perf_counter() - start}
+            info = {"dt": h, "lstsq_residual": f.residual, "error": norm,
+                    "elapsed_s": time.perf_counter() - start}
             history.append({"t": t, **info})
             if callback is not None:
                 callback(t, info)

@@ -228,16 +228,9 @@ def _start(problem: Problem, baselines: dict[str, dict]) -> tuple[np.ndarray, np
             if name in baselines:
                 b = baselines[name]
                 theta = np.array([b["estimates"][n] for n in problem.names])
-                if "hessian" in b:
-                    jac = fitting.to_natural(fitting.to_unconstrained(theta, problem.kinds),
-                                             problem.kinds)[1]
-                    try:
-                        hinv = np.linalg.inv(np.outer(jac, jac) * np.asarray(b["hessian"]))
-                        if np.all(np.linalg.eigvalsh(0.5 * (hinv + hinv.T)) > 0):
-                            return theta, hinv, name
-                    except np.linalg.LinAlgError:
-                        pass
-                return theta, None, name
+                hinv = fitting.start_inverse_hessian(theta, b["hessian"], problem.kinds) \
+                    if "hessian" in b else None
+                return theta, hinv, name
     return problem.config_start.copy(), None, "config"
 
 
@@ -297,35 +290,33 @@ def _fit_pde(problem: Problem, run: RunDir, start: np.ndarray, hinv0: np.ndarray
     if saved is not None:
         state = fitting.FitState.from_arrays({k: v.numpy() for k, v in saved["state"].items()})
         density.step_times = saved["step_times"].tolist()
+        density.refreezes = int(saved.get("refreezes", 0))
         log.info("resuming the fit at iteration %d", state.iteration)
     else:
         steps = density.freeze_steps(problem.tensors(start, False))
         log.info("time-march: %d steps to Δt = %.4g, replayed for every θ", steps, density.t_final)
     objective = problem.objective(lambda v: density.log_density(v))
-    steps_tensor = torch.tensor(density.step_times, dtype=torch.float64)
     progress = _progress(problem.names)
 
     def callback(s: fitting.FitState, theta: np.ndarray) -> None:
-        flog.record(s, theta, {"step_times": steps_tensor})
+        # the steps in use now (re-chosen when θ walked far): a resumed fit replays these
+        flog.record(s, theta, {"step_times": torch.tensor(density.step_times, dtype=torch.float64),
+                               "refreezes": torch.tensor(density.refreezes)})
         progress(s, theta)
 
     state = fitting.minimize(objective, start, problem.kinds, hinv0=hinv0, max_iter=cfg.max_iter,
                              tol=cfg.tol, state=state, callback=callback)
     result = fitting.summarize(problem.names, objective, state, problem.kinds)
-    # the steps were chosen at the start: re-adapt them at the optimum and compare
-    frozen = result.loglik
-    n_steps = density.freeze_steps(problem.tensors(result.estimates, False))
-    with torch.no_grad():
-        readapted = float(density.log_density(problem.tensors(result.estimates, False), False).sum())
-    check = {"steps": n_steps, "loglik_replayed_steps": frozen,
-             "loglik_readapted_steps": readapted}
-    if abs(readapted - frozen) > 1e-3:
-        log.info("steps re-adapted at the optimum moved log L by %.2g: refitting", readapted - frozen)
-        objective = problem.objective(lambda v: density.log_density(v))
-        state = fitting.minimize(objective, result.estimates, problem.kinds,
-                                 hinv0=None, max_iter=cfg.max_iter, tol=cfg.tol)
-        result = fitting.summarize(problem.names, objective, state, problem.kinds)
-    return result, check
+    rechosen = density.refreezes
+    result, check = fitting.confirm_discretization(
+        problem.names, objective, result, problem.kinds,
+        lambda theta: density.readapted_loglik(problem.tensors(theta, False)),
+        max_iter=cfg.max_iter, tol=cfg.tol)
+    moved = check["loglik_readapted_steps"] - check["loglik_replayed_steps"]
+    if abs(moved) > 1e-3:
+        log.info("steps re-adapted at the optimum moved log L by %.2g: refitted", moved)
+    return result, {"steps": len(density.step_times), **check,
+                    "steps_rechosen_during_fit": rechosen}
 
 
 def _progress(names: list[str]) -> Callable[[fitting.FitState, np.ndarray], None]:
