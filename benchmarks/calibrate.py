@@ -17,7 +17,8 @@ and by coverage of the truth over many simulated data sets.
   and the march from a narrow Gaussian (CIR) against K and the start's width.
 
 Run it alone with ``python -m benchmarks.run --cases calibrate [--quick]``; the parts are
-``headline``, ``coverage_ou``, ``coverage_dw``, ``cost`` and ``march``, and
+``headline``, ``large`` (the whole fit on 5,000 CIR transitions), ``coverage_ou``,
+``coverage_dw``, ``cost`` and ``march``, and
 ``CALIBRATE_SECTIONS=headline,cost`` runs a subset (the JSON then holds only those rows);
 ``CALIBRATE_SETS=20,5`` runs 20 OU and 5 double-well data sets instead of the tier's (the
 targets scale with the count, and the rows say how many ran).
@@ -130,11 +131,11 @@ def run(quick: bool, device: str) -> list[Row]:
             for spec in HEADLINE:
                 rows += _timed(spec[0], lambda spec=spec: attempt(
                     "neuralpde calibrate (PDE)", spec[0], lambda: _headline(spec, s, device, work)))
-            if s["cir_big"]:
-                setting = f"cost: CIR daily, {s['cir_big']:,} transitions, whole fit"
-                rows += _timed(setting, lambda: attempt("neuralpde calibrate (PDE)", setting, lambda: _headline(
-                    (setting, "cir", 1 / 250, s["cir_big"], 16, None, None, None), s, device, work,
-                    scale=1.0)))
+        if "large" in sections and s["cir_big"]:
+            setting = f"cost: CIR daily, {s['cir_big']:,} transitions, whole fit"
+            rows += _timed(setting, lambda: attempt("neuralpde calibrate (PDE)", setting, lambda: _headline(
+                (setting, "cir", 1 / 250, s["cir_big"], 16, None, None, None), s, device, work,
+                scale=1.0)))
         if "coverage_ou" in sections:
             rows += _timed("coverage: OU", lambda: attempt(
                 "neuralpde PDE, 95% intervals", "coverage: OU", lambda: _coverage_ou(s, device)))
@@ -153,7 +154,7 @@ def run(quick: bool, device: str) -> list[Row]:
 
 
 #: the parts of the case, in order; ``CALIBRATE_SECTIONS=headline,cost`` runs a subset
-SECTIONS = ("headline", "coverage_ou", "coverage_dw", "cost", "march")
+SECTIONS = ("headline", "large", "coverage_ou", "coverage_dw", "cost", "march")
 
 
 def _say(text: str) -> None:
