@@ -46,7 +46,7 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.common import (ROOT, Column, Row, Spec, Unavailable, _last_message, _run, attempt,
+from benchmarks.common import (ROOT, Column, Row, Spec, Unavailable, attempt, run_neuralpde,
                                median_time, row, tier)
 from neuralpde_cli.ansatz.gmm import GaussianMixtureAnsatz, GMMConfig
 from neuralpde_cli.equations.fokker_planck import FokkerPlanck, FokkerPlanckConfig
@@ -195,18 +195,8 @@ def _verdict(ok: bool | None, text: str) -> str:
 def _cli(subcommand: str, overrides: list[str], device: str, timeout_s: float,
          run_dir: Path) -> tuple[dict[str, Any], float]:
     """``neuralpde <subcommand>`` in a fresh process, as a user runs it: its summary and the
-    process's wall time. Raises :class:`Unavailable` with the CLI's own message on failure."""
-    args = [sys.executable, "-m", "neuralpde_cli.cli", subcommand, f"hydra.run.dir={run_dir}",
-            f"device={device}", *overrides]
-    begin = time.perf_counter()
-    proc = _run(args, timeout_s, cwd=str(run_dir.parent))
-    wall = time.perf_counter() - begin
-    summary_path = run_dir / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    if proc.returncode != 0 or summary.get("status") != "completed":
-        raise Unavailable(summary.get("error") or _last_message(proc.stderr)
-                          or f"neuralpde {subcommand} exited with status {proc.returncode}")
-    return summary, wall
+    process's wall time."""
+    return run_neuralpde(subcommand, overrides, run_dir, device, timeout_s)
 
 
 def _sde_overrides(kind: str, values: dict[str, float]) -> list[str]:

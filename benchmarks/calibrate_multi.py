@@ -27,11 +27,10 @@ import shutil
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Column, Row, Spec, Unavailable, _last_message, _run, attempt, row, tier
+from benchmarks.common import Column, Row, Spec, attempt, row, run_neuralpde, tier
 
 SPEC = Spec(
     "calibrate_multi",
@@ -108,13 +107,8 @@ def run(quick: bool, device: str) -> list[Row]:
 
 def _cli(command: str, overrides: list[str], run_dir: Path, device: str) -> dict[str, Any]:
     """One ``neuralpde`` command in a fresh process; its fit.json (calibrate) or summary."""
-    args = [sys.executable, "-m", "neuralpde_cli.cli", command, f"hydra.run.dir={run_dir}",
-            f"device={device}", *overrides]
-    proc = _run(args, 7200, cwd=str(run_dir.parent))
-    out = run_dir / ("fit.json" if command == "calibrate" else "summary.json")
-    if proc.returncode != 0 or not out.exists():
-        raise Unavailable(_last_message(proc.stderr) or f"neuralpde {command}: status {proc.returncode}")
-    return json.loads(out.read_text())
+    summary, _ = run_neuralpde(command, overrides, run_dir, device, 7200)
+    return json.loads((run_dir / "fit.json").read_text()) if command == "calibrate" else summary
 
 
 def _se_text(se: float | None) -> str:

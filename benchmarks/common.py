@@ -200,27 +200,34 @@ def device_oom(exc: BaseException) -> bool:
 
 
 # --- running things in a fresh process -------------------------------------------------
+def run_neuralpde(command: str, overrides: list[str], run_dir: Path, device: str,
+                  timeout_s: float, env: dict[str, str] | None = None) -> tuple[dict[str, Any], float]:
+    """``neuralpde <command>`` in a fresh process, as a user runs it, writing into ``run_dir``:
+    its ``summary.json`` and the process's wall time. Raises :class:`Unavailable` with the
+    CLI's own message when the run fails."""
+    args = [sys.executable, "-m", "neuralpde_cli.cli", command, f"hydra.run.dir={run_dir}",
+            f"device={device}", *overrides]
+    start = time.perf_counter()
+    proc = _run(args, timeout_s, cwd=str(Path(run_dir).parent), env=env)
+    wall = time.perf_counter() - start
+    summary_path = Path(run_dir) / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    if proc.returncode != 0 or summary.get("status") != "completed":
+        raise Unavailable(summary.get("error") or _last_message(proc.stderr)
+                          or f"neuralpde {command} exited with status {proc.returncode}")
+    return summary, wall
+
+
 def neuralpde_solve(overrides: list[str], device: str, timeout_s: float,
                     error_key: str = "rel_l2_error") -> dict[str, Any]:
-    """``neuralpde solve`` in a fresh process, as a user runs it.
-
-    Returns its ``summary.json`` plus ``curve``: (trainer seconds, error) from metrics.csv, and
-    ``process_s``, the command's whole wall time. Raises :class:`Unavailable` with the CLI's own
-    message when the run fails.
-    """
+    """``neuralpde solve`` in a fresh process: its ``summary.json`` plus ``curve``: (trainer
+    seconds, error) from metrics.csv, and ``process_s``, the command's whole wall time."""
     with tempfile.TemporaryDirectory(prefix="neuralpde-bench-") as tmp:
-        args = [sys.executable, "-m", "neuralpde_cli.cli", "solve", "trainer.progress=false",
-                f"hydra.run.dir={tmp}", f"device={device}", *overrides]
-        start = time.perf_counter()
-        proc = _run(args, timeout_s, cwd=tmp)
-        process_s = time.perf_counter() - start
-        summary_path = Path(tmp) / "summary.json"
-        summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-        if proc.returncode != 0 or summary.get("status") != "completed":
-            raise Unavailable(summary.get("error") or _last_message(proc.stderr)
-                              or f"neuralpde solve exited with status {proc.returncode}")
-        summary["curve"] = _metrics_curve(Path(tmp) / "metrics.csv", error_key)
-        summary["process_s"] = process_s
+        run_dir = Path(tmp) / "run"
+        summary, wall = run_neuralpde("solve", ["trainer.progress=false", *overrides], run_dir,
+                                      device, timeout_s)
+        summary["process_s"] = wall
+        summary["curve"] = _metrics_curve(run_dir / "metrics.csv", error_key)
     return summary
 
 

@@ -18,15 +18,15 @@ training the neural reaction term with each, and the spiral neural SDE / jump di
 * **Moment density against the Fokker–Planck density** at the true spiral: the project's
   time-marched Gaussian-mixture density (likelihood/pde.py) on a sample of the data's
   transitions, and the mean log-density difference.
+
+``NEURAL_DYNAMICS_SECTIONS=forward,training,simulators,spiral,density`` (the default: all) picks
+the parts to run.
 """
 
 from __future__ import annotations
 
-import json
-import math
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -34,8 +34,7 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import (Column, Row, Spec, Unavailable, _last_message, _run, attempt,
-                               row, tier)
+from benchmarks.common import Column, Row, Spec, Unavailable, attempt, row, run_neuralpde, tier
 from neuralpde_cli.models.reaction_diffusion import NeuralRDConfig, ReactionDiffusion
 from neuralpde_cli.solvers.stabilized import Integrator, IntegratorConfig
 
@@ -60,17 +59,31 @@ SPEC = Spec(
 )
 
 
+#: the parts of the case, in order; ``NEURAL_DYNAMICS_SECTIONS=training`` runs a subset (the
+#: JSON then holds only those rows)
+SECTIONS = ("forward", "training", "simulators", "spiral", "density")
+
+
 def run(quick: bool, device: str) -> list[Row]:
     s = SETTINGS[tier(quick)]
     smoke = tier(quick) == "smoke"
+    sections = [p.strip() for p in
+                os.environ.get("NEURAL_DYNAMICS_SECTIONS", ",".join(SECTIONS)).split(",")]
+    unknown = sorted(set(sections) - set(SECTIONS))
+    if unknown:
+        raise Unavailable(f"NEURAL_DYNAMICS_SECTIONS: unknown part(s) {unknown}; choose from "
+                          f"{list(SECTIONS)}")
+    parts = [("forward", "RD forward", "RD N=32", lambda: _forward(32, 10.0, s, device, smoke)),
+             ("forward", "RD forward", "RD N=100, t≤100",
+              lambda: _forward(100, 100.0, s, device, False) if s["big"] else []),
+             ("training", "RD training", "RD training N=32", lambda: _training(s, device, smoke)),
+             ("simulators", "simulators", "spiral simulators", lambda: _simulators(s, smoke)),
+             ("spiral", "spiral", "spiral SDE", lambda: _spiral(s, device, smoke)),
+             ("density", "moment density", "density check", lambda: _density_check(s, smoke))]
     rows: list[Row] = []
-    rows += attempt("RD forward", "RD N=32", lambda: _forward(32, 10.0, s, device, smoke))
-    if s["big"]:
-        rows += attempt("RD forward", "RD N=100, t≤100", lambda: _forward(100, 100.0, s, device, False))
-    rows += attempt("RD training", "RD training N=32", lambda: _training(s, device, smoke))
-    rows += attempt("simulators", "spiral simulators", lambda: _simulators(s, smoke))
-    rows += attempt("spiral", "spiral SDE", lambda: _spiral(s, device, smoke))
-    rows += attempt("moment density", "density check", lambda: _density_check(s, smoke))
+    for section, method, setting, fn in parts:
+        if section in sections:
+            rows += attempt(method, setting, fn)
     return rows
 
 
@@ -127,15 +140,8 @@ def _forward(n: int, t_final: float, s: dict, device: str, smoke: bool) -> list[
 def neuralpde_fit(overrides: list[str], device: str, timeout_s: float) -> dict[str, Any]:
     """``neuralpde fit`` as a user runs it; its summary.json. Two threads, as stated."""
     with tempfile.TemporaryDirectory(prefix="neuralpde-bench-") as tmp:
-        args = [sys.executable, "-m", "neuralpde_cli.cli", "fit", "trainer.progress=false",
-                f"hydra.run.dir={tmp}", f"device={device}", *overrides]
-        env = {**os.environ, "OMP_NUM_THREADS": "2"}
-        proc = _run(args, timeout_s, cwd=tmp, env=env)
-        path = Path(tmp) / "summary.json"
-        summary = json.loads(path.read_text()) if path.exists() else {}
-        if proc.returncode != 0 or summary.get("status") != "completed":
-            raise Unavailable(summary.get("error") or _last_message(proc.stderr)
-                              or f"neuralpde fit exited with status {proc.returncode}")
+        summary, _ = run_neuralpde("fit", ["trainer.progress=false", *overrides], Path(tmp) / "run",
+                                   device, timeout_s, env={**os.environ, "OMP_NUM_THREADS": "2"})
     return summary
 
 
