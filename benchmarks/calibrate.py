@@ -382,11 +382,10 @@ class Fitter:
         density.freeze_steps(self.tensors(theta, False))
         nll = self.objective(lambda v: density.log_density(v))
         state = fitting.minimize(nll, theta, self.kinds, hinv0=hinv0, max_iter=100, tol=1e-7)
-        result = fitting.summarize(self.names, nll, state, self.kinds)
-        result, _ = fitting.confirm_discretization(  # re-adapt at the optimum, as calibrate does
-            self.names, nll, result, self.kinds,
-            lambda th: density.readapted_loglik(self.tensors(th, False)), max_iter=100, tol=1e-7)
-        return result, len(density.step_times)
+        state, _ = fitting.confirm_discretization(  # re-adapt at the optimum, as calibrate does
+            nll, state, self.kinds, lambda th: density.readapted_loglik(self.tensors(th, False)),
+            max_iter=100, tol=1e-7)
+        return fitting.summarize(self.names, nll, state, self.kinds), len(density.step_times)
 
 
 def _coverage(kind: str, sets: int, n: int, dt: float, seed: int, device_name: str,

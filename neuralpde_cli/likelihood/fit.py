@@ -229,19 +229,19 @@ def start_inverse_hessian(theta: np.ndarray, hessian: np.ndarray | list, kinds: 
     return hinv if ok else None
 
 
-def confirm_discretization(names: list[str], objective: Objective, result: FitResult,
-                           kinds: list[str], readapt: Callable[[np.ndarray], float], *,
-                           max_iter: int, tol: float, threshold: float = 1e-3
-                           ) -> tuple[FitResult, dict]:
+def confirm_discretization(objective: Objective, state: FitState, kinds: list[str],
+                           readapt: Callable[[np.ndarray], float], *, max_iter: int, tol: float,
+                           threshold: float = 1e-3) -> tuple[FitState, dict]:
     """A fit whose objective was discretized once (step times frozen) is checked by choosing the
     discretization again at the optimum: ``readapt(θ̂)`` does that and returns log L there. When
-    that moves log L by more than ``threshold``, the fit goes on from θ̂ under the new one."""
-    readapted = readapt(result.estimates)
-    check = {"loglik_replayed_steps": result.loglik, "loglik_readapted_steps": readapted}
-    if abs(readapted - result.loglik) > threshold:
-        state = minimize(objective, result.estimates, kinds, max_iter=max_iter, tol=tol)
-        result = summarize(names, objective, state, kinds)
-    return result, check
+    that moves log L by more than ``threshold``, the fit goes on from θ̂ under the new one. Call
+    it before :func:`summarize`, so that the information is taken under the final one."""
+    theta = to_natural(state.u, kinds)[0]
+    readapted = readapt(theta)
+    check = {"loglik_replayed_steps": -state.f, "loglik_readapted_steps": readapted}
+    if abs(readapted + state.f) > threshold:
+        state = minimize(objective, theta, kinds, max_iter=max_iter, tol=tol)
+    return state, check
 
 
 def autograd_objective(log_density: Callable[[dict[str, "torch.Tensor"]], "torch.Tensor"],

@@ -306,15 +306,15 @@ def _fit_pde(problem: Problem, run: RunDir, start: np.ndarray, hinv0: np.ndarray
 
     state = fitting.minimize(objective, start, problem.kinds, hinv0=hinv0, max_iter=cfg.max_iter,
                              tol=cfg.tol, state=state, callback=callback)
-    result = fitting.summarize(problem.names, objective, state, problem.kinds)
     rechosen = density.refreezes
-    result, check = fitting.confirm_discretization(
-        problem.names, objective, result, problem.kinds,
+    state, check = fitting.confirm_discretization(
+        objective, state, problem.kinds,
         lambda theta: density.readapted_loglik(problem.tensors(theta, False)),
         max_iter=cfg.max_iter, tol=cfg.tol)
     moved = check["loglik_readapted_steps"] - check["loglik_replayed_steps"]
     if abs(moved) > 1e-3:
         log.info("steps re-adapted at the optimum moved log L by %.2g: refitted", moved)
+    result = fitting.summarize(problem.names, objective, state, problem.kinds)
     return result, {"steps": len(density.step_times), **check,
                     "steps_rechosen_during_fit": rechosen}
 
