@@ -300,7 +300,8 @@ def test_time_march_ou_narrow_start() -> None:
         assert relative_l2_from_logs(log_pred, gaussian_log_density(x, means[i], covs[i])) <= 1e-3
     assert eq.evaluate_extra(solution)["quadrature_mass_error"] < 1e-6
     assert len(calls) == len(result.history) > 5
-    assert set(calls[0][1]) == {"dt", "lstsq_residual", "elapsed_s"}
+    assert set(calls[0][1]) == {"dt", "step_error", "lstsq_residual", "elapsed_s"}
+    assert all(0 <= info["step_error"] <= 1 for _, info in calls)  # every accepted step
     assert result.history[-1]["t"] == pytest.approx(eq.t_final)
 
 

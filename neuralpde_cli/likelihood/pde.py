@@ -241,7 +241,7 @@ class TransitionDensity:
             return self._run(values, differentiable)
         try:
             result = self._run(values, differentiable)
-            if max(h["error"] for h in result.history) <= STALE_ERROR:
+            if max(h["step_error"] for h in result.history) <= STALE_ERROR:
                 return result
         except (Diverged, RuntimeError, ArithmeticError):  # torch's LinAlgError is a RuntimeError
             pass  # the stale steps broke the march: new ones decide whether θ itself is at fault

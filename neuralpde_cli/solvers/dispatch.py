@@ -60,8 +60,8 @@ def _save_solution_checkpoint(run: RunDir, solution: torch.nn.Module, steps: int
 def _run_time_march(cfg: DictConfig, equation: DensityEquation, ansatz: Any, solver: Any,
                     run: RunDir) -> dict[str, Any]:
     """March the mixture's parameters in t; every accepted step is a row of metrics.csv."""
-    writer = MetricsWriter(run.metrics_csv, ["step", "phase", "t", "dt", "lstsq_residual",
-                                             "elapsed_s"])
+    writer = MetricsWriter(run.metrics_csv, ["step", "phase", "t", "dt", "step_error",
+                                             "lstsq_residual", "elapsed_s"])
     progress = _progress(equation.t_final, "time-march", bool(cfg.trainer.progress))
     steps = 0
     with progress:

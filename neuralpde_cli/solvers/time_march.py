@@ -413,7 +413,7 @@ class TimeMarcher:
 
         With ``step_times`` the steps end exactly there (Dormand–Prince, or RK4 with
         ``method=rk4``) and no step is rejected; each step's error estimate, in units of the
-        tolerance, is still recorded (``history[i]["error"]``)."""
+        tolerance, is still recorded (``history[i]["step_error"]``)."""
         cfg = self.cfg
         adaptive = cfg.method == "rk45" and step_times is None
         tab = DOPRI5 if cfg.method == "rk45" else RK4
@@ -450,7 +450,7 @@ class TimeMarcher:
             coeffs.append(torch.cat([y.unsqueeze(1), poly], 1))
             y, k1 = y_new, k_new
             times.append(t)
-            info = {"dt": h, "lstsq_residual": f.residual, "error": norm,
+            info = {"dt": h, "lstsq_residual": f.residual, "step_error": norm,
                     "elapsed_s": time.perf_counter() - start}
             history.append({"t": t, **info})
             if callback is not None:
