@@ -44,7 +44,7 @@ from neuralpde_cli.ansatz.gmm import GaussianMixtureAnsatz, GMMConfig, MixtureLa
 from neuralpde_cli.equations.fokker_planck import FokkerPlanck, FokkerPlanckConfig
 from neuralpde_cli.errors import UserError
 from neuralpde_cli.sdes import SDE, SDEConfig
-from neuralpde_cli.solvers.time_march import Diverged, TimeMarchConfig, TimeMarcher
+from neuralpde_cli.solvers.time_march import TimeMarchConfig, TimeMarcher
 
 
 @dataclass
@@ -121,6 +121,12 @@ AUTO_GRID = {1: 16, 2: 8, 3: 5}
 #: (1.06, 0.74, 0.68) towards (1, 1, 0.5) reaches 9 tolerances 20 % of the way and 580 at 30 %,
 #: where the replay's Cholesky factors break down.
 STALE_ERROR = 10.0
+#: steps chosen again may number at most this many times those they replace (and at least
+#: :data:`MIN_STEP_CAP`): a trial θ that needs more is too far for one line-search step, which
+#: backs off towards it (the steps can grow again from there). Unbounded, a weekly Heston trial
+#: point took a march whose differentiable replay filled 23 GB.
+REFREEZE_GROWTH = 1.5
+MIN_STEP_CAP = 64
 #: base points per component when the march's own rule is automatic: a transition density is
 #: a smooth, few-component mixture, and 24 Gauss–Hermite nodes (exact to degree 47) give the
 #: CIR monthly log-densities of 64 to 1e-5 at a third of the cost (README § Calibration)
@@ -243,10 +249,11 @@ class TransitionDensity:
             result = self._run(values, differentiable)
             if max(h["step_error"] for h in result.history) <= STALE_ERROR:
                 return result
-        except (Diverged, RuntimeError, ArithmeticError):  # torch's LinAlgError is a RuntimeError
+            del result  # its autograd graph, before a second march builds another
+        except (RuntimeError, ArithmeticError):  # Diverged; torch's LinAlgError is a RuntimeError
             pass  # the stale steps broke the march: new ones decide whether θ itself is at fault
+        self.freeze_steps(values, max(int(REFREEZE_GROWTH * len(self.step_times)), MIN_STEP_CAP))
         self.refreezes += 1
-        self.freeze_steps(values)
         return self._run(values, differentiable)
 
     def _run(self, values: dict[str, Tensor], differentiable: bool):
@@ -257,15 +264,21 @@ class TransitionDensity:
                                 time_offsets=None if self.offsets is None
                                 else self.offsets + self.eps)  # the march starts at t₀ + ε
 
-    def freeze_steps(self, values: dict[str, Tensor]) -> int:
-        """Choose the step times adaptively at ``values`` and replay them from now on."""
+    def freeze_steps(self, values: dict[str, Tensor], max_steps: int | None = None) -> int:
+        """Choose the step times adaptively at ``values`` and replay them from now on; more
+        than ``max_steps`` (default: the march's own cap) raise :class:`~neuralpde_cli.training.trainer.Diverged`."""
         frozen, self.step_times = self.step_times, None
+        marcher = self.marcher
+        if max_steps is not None and max_steps < self.march_cfg.max_steps:
+            self.marcher = TimeMarcher(replace(self.march_cfg, max_steps=max_steps))
         try:
             with torch.no_grad():
                 result = self._run({k: v.detach() for k, v in values.items()}, False)
         except BaseException:
             self.step_times = frozen  # a θ the march cannot cross leaves the old steps in place
             raise
+        finally:
+            self.marcher = marcher
         self.step_times = [h["t"] for h in result.history]
         return len(self.step_times)
 

@@ -406,8 +406,12 @@ def _profiles(problem: Problem, density: TransitionDensity,
             if others:
                 point[others] += slope * off
             grid[i, k] = point[i]
-            with torch.no_grad():
-                loglik[i, k] = float(density.log_density(problem.tensors(point, False), False).sum())
+            try:
+                with torch.no_grad():
+                    loglik[i, k] = float(density.log_density(problem.tensors(point, False),
+                                                             False).sum())
+            except (RuntimeError, ArithmeticError):  # a θ the march cannot cross: a gap
+                loglik[i, k] = np.nan
     return {"profile_names": np.array(problem.names), "profile_grid": grid,
             "profile_loglik": loglik}
 

@@ -98,8 +98,9 @@ class Objective(Protocol):
 SNAPSHOT_EVERY = 25
 
 
-class Diverged(Exception):
-    """Training produced NaN/Inf more often than the retries allow."""
+class Diverged(ArithmeticError):
+    """A numerical failure: training produced NaN/Inf more often than the retries allow, or a
+    march could not reach its end (an optimizer treats it as an infeasible trial point)."""
 
 
 class Interrupted(Exception):
