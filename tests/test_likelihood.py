@@ -103,6 +103,25 @@ def test_steps_frozen_far_away_are_chosen_again_and_the_density_stays_exact():
     assert td.refreezes == 1
 
 
+def test_a_trial_that_needs_far_more_steps_is_refused_and_the_old_steps_stay():
+    """Re-chosen steps are capped (1.5× those they replace, at least 64): θ = 2,000 needs far
+    more than the 14 frozen at θ = 0.1, so the evaluation fails as a numerical failure (the
+    fitter's line search reads it as +∞ and backs off), and the frozen steps are kept."""
+    from neuralpde_cli.likelihood import pde
+
+    x = ou_path(100, 0.5, 1.0, 0.0, 1.0, seed=5)
+    td = density("ou", x[:-1], x[1:], np.full(100, 0.5))
+    td.freeze_steps(tensors(theta=0.1, mean=0.0, sigma=1.0))
+    slow_steps = list(td.step_times)
+    assert len(slow_steps) * pde.REFREEZE_GROWTH < pde.MIN_STEP_CAP
+    with pytest.raises(ArithmeticError):
+        td.log_density(tensors(theta=2000.0, mean=0.0, sigma=1.0))
+    assert td.step_times == slow_steps and td.refreezes == 0
+    nll = fitting._safe(fitting.autograd_objective(td.log_density, lambda th, g: tensors(
+        **dict(zip(("theta", "mean", "sigma"), th)))))
+    assert nll(np.array([2000.0, 0.0, 1.0]))[0] == math.inf
+
+
 def test_cir_monthly_needs_and_gets_a_non_gaussian_density():
     """CIR at Δt = 1/12 is skewed: one Gaussian is off by 4e-2 per point on average, three
     components from the short-time start by ≤ 3e-3 (against the non-central χ²)."""
