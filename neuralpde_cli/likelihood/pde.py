@@ -265,8 +265,9 @@ class TransitionDensity:
                                 else self.offsets + self.eps)  # the march starts at t₀ + ε
 
     def freeze_steps(self, values: dict[str, Tensor], max_steps: int | None = None) -> int:
-        """Choose the step times adaptively at ``values`` and replay them from now on; more
-        than ``max_steps`` (default: the march's own cap) raise :class:`~neuralpde_cli.training.trainer.Diverged`."""
+        """Choose the step times adaptively at ``values`` and replay them from now on; needing
+        more than ``max_steps`` (default: the march's own cap) raises ``Diverged``, and the
+        steps frozen before stay."""
         frozen, self.step_times = self.step_times, None
         marcher = self.marcher
         if max_steps is not None and max_steps < self.march_cfg.max_steps:
