@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.common import (ROOT, Column, Row, Spec, Unavailable, attempt, run_neuralpde,
-                               median_time, row, tier)
+from benchmarks.common import (ROOT, Column, Row, Spec, attempt, median_time, row, run_neuralpde,
+                               selected_sections, tier)
 from neuralpde_cli.ansatz.gmm import GaussianMixtureAnsatz, GMMConfig
 from neuralpde_cli.equations.fokker_planck import FokkerPlanck, FokkerPlanckConfig
 from neuralpde_cli.likelihood import fit as fitting
@@ -120,10 +120,7 @@ def run(quick: bool, device: str) -> list[Row]:
     s = dict(SETTINGS[tier(quick)])
     if os.environ.get("CALIBRATE_SETS"):  # a partial coverage run: the rows say how many ran
         s["ou_sets"], s["dw_sets"] = (int(v) for v in os.environ["CALIBRATE_SETS"].split(","))
-    sections = [p.strip() for p in os.environ.get("CALIBRATE_SECTIONS", ",".join(SECTIONS)).split(",")]
-    unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown:
-        raise Unavailable(f"CALIBRATE_SECTIONS: unknown part(s) {unknown}; choose from {list(SECTIONS)}")
+    sections = selected_sections("CALIBRATE_SECTIONS", SECTIONS)
     work = Path(tempfile.mkdtemp(prefix="neuralpde-bench-calibrate-"))
     rows: list[Row] = []
     try:

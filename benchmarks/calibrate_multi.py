@@ -30,7 +30,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.common import Column, Row, Spec, attempt, row, run_neuralpde, tier
+from benchmarks.common import (Column, Row, Spec, attempt, row, run_neuralpde, selected_sections,
+                               tier)
 
 SPEC = Spec(
     "calibrate_multi",
@@ -89,7 +90,7 @@ def run(quick: bool, device: str) -> list[Row]:
     s = dict(TIERS[level])
     if os.environ.get("CALIBRATE_MULTI_SETS"):
         s["sets"] = int(os.environ["CALIBRATE_MULTI_SETS"])
-    chosen = os.environ.get("CALIBRATE_MULTI_SECTIONS", ",".join(SECTIONS)).split(",")
+    chosen = selected_sections("CALIBRATE_MULTI_SECTIONS", SECTIONS)
     work = Path(tempfile.mkdtemp(prefix="neuralpde-bench-calibrate-multi-"))
     (work / "seasonal.py").write_text(SEASONAL)
     rows: list[Row] = []

@@ -200,6 +200,16 @@ def device_oom(exc: BaseException) -> bool:
 
 
 # --- running things in a fresh process -------------------------------------------------
+def selected_sections(variable: str, known: tuple[str, ...]) -> list[str]:
+    """The parts of a case that the environment variable ``variable`` names (comma-separated;
+    unset: all of ``known``); an unknown name is refused with the choices."""
+    chosen = [p.strip() for p in os.environ.get(variable, ",".join(known)).split(",")]
+    unknown = sorted(set(chosen) - set(known))
+    if unknown:
+        raise Unavailable(f"{variable}: unknown part(s) {unknown}; choose from {list(known)}")
+    return chosen
+
+
 def run_neuralpde(command: str, overrides: list[str], run_dir: Path, device: str,
                   timeout_s: float, env: dict[str, str] | None = None) -> tuple[dict[str, Any], float]:
     """``neuralpde <command>`` in a fresh process, as a user runs it, writing into ``run_dir``:

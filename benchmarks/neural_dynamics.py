@@ -34,7 +34,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import Column, Row, Spec, Unavailable, attempt, row, run_neuralpde, tier
+from benchmarks.common import (Column, Row, Spec, attempt, row, run_neuralpde, selected_sections,
+                               tier)
 from neuralpde_cli.models.reaction_diffusion import NeuralRDConfig, ReactionDiffusion
 from neuralpde_cli.solvers.stabilized import Integrator, IntegratorConfig
 
@@ -67,12 +68,7 @@ SECTIONS = ("forward", "training", "simulators", "spiral", "density")
 def run(quick: bool, device: str) -> list[Row]:
     s = SETTINGS[tier(quick)]
     smoke = tier(quick) == "smoke"
-    sections = [p.strip() for p in
-                os.environ.get("NEURAL_DYNAMICS_SECTIONS", ",".join(SECTIONS)).split(",")]
-    unknown = sorted(set(sections) - set(SECTIONS))
-    if unknown:
-        raise Unavailable(f"NEURAL_DYNAMICS_SECTIONS: unknown part(s) {unknown}; choose from "
-                          f"{list(SECTIONS)}")
+    sections = selected_sections("NEURAL_DYNAMICS_SECTIONS", SECTIONS)
     parts = [("forward", "RD forward", "RD N=32", lambda: _forward(32, 10.0, s, device, smoke)),
              ("forward", "RD forward", "RD N=100, t≤100",
               lambda: _forward(100, 100.0, s, device, False) if s["big"] else []),
