@@ -256,10 +256,11 @@ class TransitionDensity:
         self.refreezes += 1
         return self._run(values, differentiable)
 
-    def _run(self, values: dict[str, Tensor], differentiable: bool):
+    def _run(self, values: dict[str, Tensor], differentiable: bool,
+             marcher: TimeMarcher | None = None):
         eq = self._equation(values)
         mean0, chol0 = self._start_law(eq.sde)
-        return self.marcher.run(eq, self.ansatz, x0_batch=mean0, initial_chol=chol0,
+        return (marcher or self.marcher).run(eq, self.ansatz, x0_batch=mean0, initial_chol=chol0,
                                 step_times=self.step_times, differentiable=differentiable,
                                 time_offsets=None if self.offsets is None
                                 else self.offsets + self.eps)  # the march starts at t₀ + ε
@@ -269,17 +270,14 @@ class TransitionDensity:
         more than ``max_steps`` (default: the march's own cap) raises ``Diverged``, and the
         steps frozen before stay."""
         frozen, self.step_times = self.step_times, None
-        marcher = self.marcher
-        if max_steps is not None and max_steps < self.march_cfg.max_steps:
-            self.marcher = TimeMarcher(replace(self.march_cfg, max_steps=max_steps))
+        capped = max_steps is not None and max_steps < self.march_cfg.max_steps
+        marcher = TimeMarcher(replace(self.march_cfg, max_steps=max_steps)) if capped else None
         try:
             with torch.no_grad():
-                result = self._run({k: v.detach() for k, v in values.items()}, False)
+                result = self._run({k: v.detach() for k, v in values.items()}, False, marcher)
         except BaseException:
             self.step_times = frozen  # a θ the march cannot cross leaves the old steps in place
             raise
-        finally:
-            self.marcher = marcher
         self.step_times = [h["t"] for h in result.history]
         return len(self.step_times)
 
