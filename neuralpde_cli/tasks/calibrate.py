@@ -376,9 +376,7 @@ def _diagnostics(problem: Problem, density: TransitionDensity, result: fitting.F
     theta = result.estimates
     values = problem.tensors(theta, False)
     out: dict[str, np.ndarray] = {}
-    with torch.no_grad():
-        states = density.states(values, False)
-        out["pit"] = density.cdf(states, density.data.x1[:, 0]).cpu().numpy()
+    out["pit"] = density.pit(values).cpu().numpy()
     if cfg.profile_points > 0 and np.all(np.isfinite(result.se)):
         out.update(_profiles(problem, density, result))
     out.update(_bins(problem, density, values, baselines))
