@@ -256,6 +256,25 @@ def test_a_refused_trial_point_is_backed_off_but_a_refused_start_is_reported():
         fitting.minimize(_quadratic_in_log(1.0, [], refuse_below=0.3), np.array([0.2]), ["positive"])
 
 
+def test_a_trial_point_the_march_cannot_cross_costs_one_evaluation():
+    """A trial θ whose march diverges is +∞ with no gradient. It used to be followed by a
+    central-difference gradient there, 2P more marches that fail too: a weekly Heston fit spent
+    eight minutes on its first line search. Each refused trial is asked about once; the line
+    search's next trial is half as far, never a finite-difference neighbour."""
+    seen: list[float] = []
+    quadratic = _quadratic_in_log(0.35, seen)
+
+    def objective(theta: np.ndarray):
+        if float(theta[0]) < 0.3:
+            seen.append(float(theta[0]))
+            raise ArithmeticError("time-march used optimizer.max_steps")  # as Diverged does
+        return quadratic(theta)
+    state = fitting.minimize(objective, np.array([2.0]), ["positive"], hinv0=np.array([[10.0]]))
+    refused = [s for s in seen if s < 0.3]
+    assert refused and state.converged
+    assert all(abs(a / b - 1) > 1e-3 for a, b in zip(refused, refused[1:])), refused
+
+
 def test_information_that_cannot_be_computed_gives_no_standard_error_not_a_crash():
     """An objective that fails beside the optimum (a march that cannot be factored there):
     the SEs are NaN and the sandwich too, no exception."""

@@ -121,6 +121,8 @@ def _gradient_u(objective: Objective, u: np.ndarray, kinds: list[str]) -> tuple[
     f, g = objective(theta)
     if g is not None:
         return f, np.asarray(g, float) * jac
+    if not math.isfinite(f):  # an infeasible point has no gradient: 2P more failures to learn it
+        return f, np.full(len(u), np.nan)
     grad = np.empty_like(u)
     for i in range(len(u)):
         h = 1e-5 * max(1.0, abs(u[i]))
