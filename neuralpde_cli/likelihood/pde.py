@@ -132,6 +132,10 @@ MIN_STEP_CAP = 64
 #: CIR monthly log-densities of 64 to 1e-5 at a third of the cost (README § Calibration)
 BASE_POINTS = {1: 24}
 TIME_DEPENDENT = ("auto", "true", "false")
+#: the width of the smoothing across a state space's boundary at 0, as a fraction of the smallest
+#: start: 0.05 changes the diffusion by a relative e⁻²⁰ at every start, and keeps a weekly
+#: Heston march at 153–161 steps over θ where the kink gave 155–1,335
+BOUNDARY_FRACTION = 0.05
 
 
 class TransitionDensity:
@@ -209,6 +213,12 @@ class TransitionDensity:
             self.starts = unique[:, :tr.dim].contiguous()
             if self.time_dependent:
                 self.offsets = unique[:, tr.dim].contiguous()
+        # an SDE whose state space ends at 0 (Heston's V) is smoothed across it on a scale far
+        # below every start (:data:`BOUNDARY_FRACTION`): the march stays smooth in t and θ
+        positive = [i for i in getattr(probe, "positive_dims", ()) if i < tr.dim]
+        lowest = float(self.starts[:, positive].min()) if positive else 0.0
+        self.boundary_width = BOUNDARY_FRACTION * lowest if hasattr(probe, "boundary_width") \
+            and lowest > 0 else 0.0
         self.step_times: list[float] | None = None
         #: how often the replayed steps were found stale and chosen again (fit.json reports it)
         self.refreezes = 0
@@ -227,6 +237,8 @@ class TransitionDensity:
 
     def _equation(self, values: dict[str, Tensor]) -> FokkerPlanck:
         sde = self.make_sde(values)
+        if self.boundary_width > 0:
+            sde.boundary_width = self.boundary_width
         self.equation.sde = sde
         self.equation.constant_diffusion = sde.constant_diffusion
         return self.equation
