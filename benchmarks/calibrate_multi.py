@@ -76,8 +76,10 @@ SETTINGS: dict[str, dict[str, Any]] = {
                    "+equation.sde.params={a: 1, b: 4, c: 2, s: 0.8}",
                    "equation.sde.positive_params=[a,s]"]),
 }
+#: ``observations`` (smoke only): every replicated data set that short, so that a check of the
+#: code does not spend a full weekly Heston fit (1,300 observations, minutes and 8 GB)
 TIERS = {"full": dict(sets=20, ou_n=5000), "quick": dict(sets=3, ou_n=1000),
-         "smoke": dict(sets=1, ou_n=200)}
+         "smoke": dict(sets=1, ou_n=200, observations=100)}
 SECTIONS = ("ou2", "heston_daily", "heston_weekly", "seasonal")
 #: ``CALIBRATE_MULTI_KEEP=DIR`` keeps each set's fit.json there
 KEEP = Path(os.environ["CALIBRATE_MULTI_KEEP"]) if os.environ.get("CALIBRATE_MULTI_KEEP") else None
@@ -100,7 +102,7 @@ def run(quick: bool, device: str) -> list[Row]:
         for name in SECTIONS[1:]:
             if name in chosen:
                 rows += attempt("neuralpde calibrate (PDE)", SETTINGS[name]["title"],
-                                lambda name=name: _replications(name, s["sets"], device, work))
+                                lambda name=name: _replications(name, s, device, work))
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return rows
@@ -139,16 +141,18 @@ def _ou2(s: dict[str, Any], device: str, work: Path) -> list[Row]:
                 distances=dist, se_ratios=ratio, wall_time_s=fit["wall_time_s"])]
 
 
-def _replications(name: str, sets: int, device: str, work: Path) -> list[Row]:
+def _replications(name: str, s: dict[str, Any], device: str, work: Path) -> list[Row]:
     """R data sets of one setting, each simulated and fitted by the CLI; bias and coverage."""
-    setting = SETTINGS[name]
+    setting, sets = SETTINGS[name], s["sets"]
     truth = setting["truth"]
     truth_overrides = [f"equation.sde.{k}={v!r}" for k, v in truth.items()] \
         if name != "seasonal" else []
     fits = []
+    short = [f"simulate.observations={s['observations']}"] if "observations" in s else []
     for i in range(sets):
         sim = work / f"{name}_data_{i}"
-        _cli("simulate", [*setting["simulate"], *truth_overrides, f"seed={100 + i}"], sim, device)
+        _cli("simulate", [*setting["simulate"], *truth_overrides, *short, f"seed={100 + i}"], sim,
+             device)
         fit = _cli("calibrate", [f"data={sim}/data.csv", *setting["calibrate"], *LEAN],
                    work / f"{name}_fit_{i}", device)
         fits.append(fit)
