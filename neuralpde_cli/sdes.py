@@ -449,7 +449,7 @@ class Heston(SDE):
     #: 0: the diffusion is √max(V, 0), exact. A transition density sets a width > 0 far below
     #: its smallest start: a mixture's quadrature points do cross V = 0, and a kink there made
     #: the adaptive march's step count jump (253 steps at one weekly θ, 1,335 at a trial 7 %
-    #: away in κ; 120 at both when smoothed)
+    #: away in κ; 154–160 at both when smoothed)
     boundary_width = 0.0
 
     def __init__(self, mu: Tensor, rate: Tensor, level: Tensor, noise: Tensor, rho: Tensor) -> None:
