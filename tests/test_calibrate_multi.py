@@ -233,9 +233,9 @@ def test_heston_log_likelihood_is_smooth_in_theta(tmp_path: Path):
     Σ Δ/((1 − ρ²)V₀) to O(Δ) (Euler's, exact in μ). The data: the daily benchmark's second set
     (issue 15), at the point its fit reached, with the steps frozen at its Euler start. There,
     at the march's own ridge 1e-3, one start's three components took visibly different paths
-    for μ 0.001 apart: log L wobbled by 1e-3 and its curvature came out −340 (the SE of μ
-    0.013 where it is 0.19); and a spline through neighbouring starts' mixture parameters read
-    a law 0.02 off between them."""
+    for μ 0.001 apart: log L wobbled by 1e-3 and its curvature came out 6,345 or −338 by the
+    step (an SE of μ of 0.013, or none, where it is 0.19); and a spline through neighbouring
+    starts' mixture parameters read a law 0.02 off between them."""
     truth = [f"equation.sde.{k}={v!r}" for k, v in HESTON_DAILY.items()]
     done = run_cli(["simulate", "equation.dim=2", "equation.sde.kind=heston",
                     "equation.initial_mean=[0.0,0.2]", "simulate.observations=500",
