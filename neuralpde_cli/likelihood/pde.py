@@ -132,10 +132,6 @@ MIN_STEP_CAP = 64
 #: CIR monthly log-densities of 64 to 1e-5 at a third of the cost (README § Calibration)
 BASE_POINTS = {1: 24}
 TIME_DEPENDENT = ("auto", "true", "false")
-#: the width of the smoothing across a state space's boundary at 0, as a fraction of the smallest
-#: start: 0.05 changes the diffusion by a relative e⁻²⁰ at every start, and keeps a weekly
-#: Heston march at 154–160 steps over θ where the kink gave 155–1,335
-BOUNDARY_FRACTION = 0.05
 
 
 class TransitionDensity:
@@ -157,6 +153,20 @@ class TransitionDensity:
                             f"one of {list(TIME_DEPENDENT)}")
         if not bool((transitions.dt > 0).all()):
             raise UserError("every transition needs Δt > 0 (times must increase within a path)")
+        # coordinates the SDE marches in logarithms (Heston's V): the data are taken there too,
+        # and each density carries the Jacobian Π 1/x₁ back to the data's coordinates
+        self.natural_sde = make_sde
+        self.log_dims = list(getattr(make_sde({}), "log_coordinates", ()))
+        if self.log_dims:
+            if not all(bool((a[:, self.log_dims] > 0).all()) for a in (transitions.x0, transitions.x1)):
+                raise UserError("the transition density is marched in the logarithm of coordinates "
+                                f"{self.log_dims}: their values must be > 0")
+            make_sde = lambda v, natural=make_sde: natural(v).in_log_coordinates()  # noqa: E731
+            self.jacobian = -torch.log(transitions.x1[:, self.log_dims]).sum(-1)
+            transitions = replace(transitions, x0=self._to_log(transitions.x0),
+                                  x1=self._to_log(transitions.x1))
+        else:
+            self.jacobian = torch.zeros_like(transitions.dt)
         self.make_sde, self.data, self.cfg = make_sde, transitions, cfg
         self.mixture = mixture
         if march.base_points == 0 and transitions.dim in BASE_POINTS:
@@ -180,15 +190,9 @@ class TransitionDensity:
         self.reference = tr.x0.median(0).values  # invariant coordinates are marched here
         self.offsets = None
         if self.use_grid:
-            # a coordinate that must stay positive (Heston's V) is gridded in log x₀: a node one
-            # step below the smallest start stays inside the state space, and the nodes crowd
-            # where the transition law changes fastest (near 0 its scale is ∝ x₀)
-            positive = set(getattr(probe, "positive_dims", ()))
-            self.log_axes = [i in positive and bool((tr.x0[:, i] > 0).all()) for i in self.free]
             self.nodes = []
-            for i, log in zip(self.free, self.log_axes):
-                coord = self._axis(tr.x0[:, i], log)
-                lo, hi = float(coord.min()), float(coord.max())
+            for i in self.free:
+                lo, hi = float(tr.x0[:, i].min()), float(tr.x0[:, i].max())
                 span = max(hi - lo, 1e-3 * max(1.0, abs(hi)))
                 h = span / (nodes_per_axis - 3)
                 self.nodes.append(torch.linspace(lo - h, hi + h, nodes_per_axis, dtype=tr.x0.dtype,
@@ -196,14 +200,13 @@ class TransitionDensity:
             mesh = torch.meshgrid(*self.nodes, indexing="ij") if self.nodes else []
             count = int(np.prod([len(n) for n in self.nodes])) if self.nodes else 1
             self.starts = self.reference.expand(count, tr.dim).clone()
-            for axis, (i, log) in enumerate(zip(self.free, self.log_axes)):
-                node = mesh[axis].reshape(-1)
-                self.starts[:, i] = torch.exp(node) if log else node
+            for axis, i in enumerate(self.free):
+                self.starts[:, i] = mesh[axis].reshape(-1)
             # each transition's tensor-product spline weights over the members (n, members), and
             # its offset from the marched value along the translation-invariant coordinates
             self.weights = torch.ones(tr.n, 1, dtype=tr.x0.dtype, device=tr.x0.device)
-            for nodes, i, log in zip(self.nodes, self.free, self.log_axes):
-                axis = spline_weights(nodes, self._axis(tr.x0[:, i], log))
+            for nodes, i in zip(self.nodes, self.free):
+                axis = spline_weights(nodes, tr.x0[:, i])
                 self.weights = (self.weights.unsqueeze(-1) * axis.unsqueeze(1)).reshape(tr.n, -1)
             self.shift = torch.zeros_like(tr.x0)
             self.shift[:, self.invariant] = tr.x0[:, self.invariant] - self.reference[self.invariant]
@@ -213,12 +216,6 @@ class TransitionDensity:
             self.starts = unique[:, :tr.dim].contiguous()
             if self.time_dependent:
                 self.offsets = unique[:, tr.dim].contiguous()
-        # an SDE whose state space ends at 0 (Heston's V) is smoothed across it on a scale far
-        # below every start (:data:`BOUNDARY_FRACTION`): the march stays smooth in t and θ
-        positive = [i for i in getattr(probe, "positive_dims", ()) if i < tr.dim]
-        lowest = float(self.starts[:, positive].min()) if positive else 0.0
-        self.boundary_width = BOUNDARY_FRACTION * lowest if hasattr(probe, "boundary_width") \
-            and lowest > 0 else 0.0
         self.step_times: list[float] | None = None
         #: how often the replayed steps were found stale and chosen again (fit.json reports it)
         self.refreezes = 0
@@ -237,8 +234,6 @@ class TransitionDensity:
 
     def _equation(self, values: dict[str, Tensor]) -> FokkerPlanck:
         sde = self.make_sde(values)
-        if self.boundary_width > 0:
-            sde.boundary_width = self.boundary_width
         self.equation.sde = sde
         self.equation.constant_diffusion = sde.constant_diffusion
         return self.equation
@@ -323,9 +318,10 @@ class TransitionDensity:
         return self._node_states(values, differentiable)[self.which, self.start_of]
 
     def log_density(self, values: dict[str, Tensor], differentiable: bool = True) -> Tensor:
-        """log p(x₁ | x₀) (n,) for every transition."""
+        """log p(x₁ | x₀) (n,) for every transition, in the data's coordinates."""
         return self._per_transition(values, differentiable,
-                                    lambda state, x: self.layout.evaluate(state, x).log_p, True)
+                                    lambda state, x: self.layout.evaluate(state, x).log_p,
+                                    True) + self.jacobian
 
     def pit(self, values: dict[str, Tensor]) -> Tensor:
         """F(x₁ | x₀) (n,) of the first coordinate: the probability integral transform, uniform
@@ -368,10 +364,11 @@ class TransitionDensity:
             out[rows] = read
         return out
 
-    @staticmethod
-    def _axis(x: Tensor, log: bool) -> Tensor:
-        """The coordinate a start-grid axis is uniform in: x, or log x for a positive one."""
-        return torch.log(x) if log else x
+    def _to_log(self, x: Tensor) -> Tensor:
+        """x with the coordinates :attr:`log_dims` replaced by their logarithms."""
+        out = x.clone()
+        out[:, self.log_dims] = torch.log(x[:, self.log_dims])
+        return out
 
     @staticmethod
     def _state_at(marched, t: Tensor, member: Tensor) -> Tensor:
@@ -404,9 +401,11 @@ class TransitionDensity:
         starts = starts.reshape(-1, ref.shape[1])
         probe = TransitionSet(starts, starts, torch.zeros_like(starts[:, 0]),
                               torch.full_like(starts[:, 0], dt))
-        other = TransitionDensity(self.make_sde, probe, self.mixture, self.march_cfg,
+        other = TransitionDensity(self.natural_sde, probe, self.mixture, self.march_cfg,
                                   replace(self.cfg, per_start=True))
         grid = torch.as_tensor(np.asarray(x, float), dtype=ref.dtype, device=ref.device)
+        log_axis = axis in self.log_dims  # p(x) = p_log(log x) / x
+        natural, grid = grid, torch.log(grid) if log_axis else grid
         with torch.no_grad():
             state = other.states({k: v.detach() for k, v in values.items()}, False)
             logits, means, entries = self.layout.unpack(state)
@@ -414,4 +413,4 @@ class TransitionDensity:
             z = (grid[None, :, None] - means[:, None, :, axis]) / sd[:, None, :]
             comp = torch.exp(-0.5 * z * z) / (sd[:, None, :] * math.sqrt(2 * math.pi))
             p = (torch.softmax(logits, -1)[:, None, :] * comp).sum(-1)
-        return p.mean(0).cpu().numpy()
+        return (p.mean(0) / natural if log_axis else p.mean(0)).cpu().numpy()
