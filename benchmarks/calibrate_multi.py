@@ -15,7 +15,9 @@ estimates).
 
 ``CALIBRATE_MULTI_SECTIONS=heston_daily,seasonal`` runs a subset; ``CALIBRATE_MULTI_SETS``
 overrides the number of data sets (for a partial run; the table says how many ran);
-``CALIBRATE_MULTI_KEEP=DIR`` keeps every set's fit.json.
+``CALIBRATE_MULTI_KEEP=DIR`` keeps every set's fit.json; with ``CALIBRATE_MULTI_RESUME=1`` a set
+whose fit.json is already there is read back instead of simulated and fitted again (an hour-long
+study interrupted, or extended from 5 sets to 20, goes on where it stopped).
 """
 
 from __future__ import annotations
@@ -83,6 +85,8 @@ TIERS = {"full": dict(sets=20, ou_n=5000), "quick": dict(sets=3, ou_n=1000),
 SECTIONS = ("ou2", "heston_daily", "heston_weekly", "seasonal")
 #: ``CALIBRATE_MULTI_KEEP=DIR`` keeps each set's fit.json there
 KEEP = Path(os.environ["CALIBRATE_MULTI_KEEP"]) if os.environ.get("CALIBRATE_MULTI_KEEP") else None
+#: ``CALIBRATE_MULTI_RESUME=1``: sets already in KEEP are read back, not fitted again
+RESUME = KEEP is not None and os.environ.get("CALIBRATE_MULTI_RESUME") == "1"
 #: a diagnostics-free fit: the estimates and SEs do not depend on these
 LEAN = ["fit.profile_points=0", "fit.density_bins=1"]
 
@@ -147,20 +151,26 @@ def _replications(name: str, s: dict[str, Any], device: str, work: Path) -> list
     truth = setting["truth"]
     truth_overrides = [f"equation.sde.{k}={v!r}" for k, v in truth.items()] \
         if name != "seasonal" else []
-    fits = []
+    fits, read_back = [], []
     short = [f"simulate.observations={s['observations']}"] if "observations" in s else []
     for i in range(sets):
-        sim = work / f"{name}_data_{i}"
-        _cli("simulate", [*setting["simulate"], *truth_overrides, *short, f"seed={100 + i}"], sim,
-             device)
-        fit = _cli("calibrate", [f"data={sim}/data.csv", *setting["calibrate"], *LEAN],
-                   work / f"{name}_fit_{i}", device)
+        kept = KEEP / f"{name}_{i}.json" if KEEP else None
+        reused = RESUME and kept.exists()
+        read_back += [i] if reused else []
+        if reused:
+            fit = json.loads(kept.read_text())
+        else:
+            sim = work / f"{name}_data_{i}"
+            _cli("simulate", [*setting["simulate"], *truth_overrides, *short, f"seed={100 + i}"],
+                 sim, device)
+            fit = _cli("calibrate", [f"data={sim}/data.csv", *setting["calibrate"], *LEAN],
+                       work / f"{name}_fit_{i}", device)
+            shutil.rmtree(sim, ignore_errors=True)
+            if KEEP:  # every set's fit.json, to look into one that went wrong
+                KEEP.mkdir(parents=True, exist_ok=True)
+                shutil.copy(work / f"{name}_fit_{i}" / "fit.json", kept)
         fits.append(fit)
-        shutil.rmtree(sim, ignore_errors=True)
-        if KEEP:  # every set's fit.json, to look into one that went wrong
-            KEEP.mkdir(parents=True, exist_ok=True)
-            shutil.copy(work / f"{name}_fit_{i}" / "fit.json", KEEP / f"{name}_{i}.json")
-        print(f"  {name} set {i + 1}/{sets}: " + ", ".join(
+        print(f"  {name} set {i + 1}/{sets}{' (kept)' if reused else ''}: " + ", ".join(
             f"{n} {fit['estimates'][n]:.4g} ± {_se_text(fit['se'].get(n))}" for n in fit["names"])
             + f"  ({fit['fit_time_s']:.0f} s)", file=sys.stderr, flush=True)
     rows = []
@@ -188,7 +198,10 @@ def _replications(name: str, s: dict[str, Any], device: str, work: Path) -> list
                         time_s=statistics.median(t for t in times if t is not None),
                         target=(f"{'met' if ok else 'NOT met'}: |bias| ≤ 0.25 SE, ≥ 17/20"
                                 if pde else "—"),
-                        note=f"{no_se} of {sets} fits without an SE" if no_se else "",
+                        note="; ".join(
+                            ([f"{no_se} of {sets} fits without an SE"] if no_se else [])
+                            + ([f"sets {read_back} read back from a kept run"] if read_back else [])),
+                        read_back=read_back,
                         sets=sets, bias_se=bias, covered=cover, relative_bias=rel_bias,
                         estimates_by_set=[r["estimates"] for r in results],
                         se_by_set=[r["se"] for r in results]))
