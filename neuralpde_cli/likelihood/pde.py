@@ -11,6 +11,9 @@ per θ covers every transition of a data set:
   the number of transitions. Coordinates the coefficients do not depend on (log S in Heston)
   need no axis: the density is marched at one value and shifted. Time-dependent coefficients,
   or ``per_start``, march every distinct (x₀, t₀), each member from its own calendar time.
+* **Coordinates where the law has no boundary.** An SDE may declare ``log_coordinates`` (Heston's
+  V): the march runs in their logarithms (``in_log_coordinates``), where a weekly variance law is
+  near Gaussian, and each density is carried back by the Jacobian Π 1/x₁.
 * **No stiff point-mass start.** A point mass has no density; a narrow Gaussian N(x₀, w²) adds
   w² to the transition's variance. The march instead starts at a short time ε after x₀ from
   the Euler–Maruyama law N(x₀ + μ(x₀)ε, σσᵀ(x₀)ε), whose error in mean and variance is O(ε²)
