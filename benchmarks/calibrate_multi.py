@@ -156,8 +156,8 @@ def _replications(name: str, s: dict[str, Any], device: str, work: Path) -> list
     for i in range(sets):
         kept = KEEP / f"{name}_{i}.json" if KEEP else None
         reused = RESUME and kept.exists()
-        read_back += [i] if reused else []
         if reused:
+            read_back.append(i)
             fit = json.loads(kept.read_text())
         else:
             sim = work / f"{name}_data_{i}"

@@ -472,9 +472,9 @@ class Heston(SDE):
         return root[:, None, None] * shape
 
     def diffusion_divergences(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        step = (x[:, 1] > 0).to(x.dtype)
-        div = torch.stack([0.5 * self.noise * self.rho * step, 0.5 * self.noise ** 2 * step], -1)
-        return div, torch.zeros_like(step)
+        inside = (x[:, 1] > 0).to(x.dtype)
+        div = torch.stack([0.5 * self.noise * self.rho * inside, 0.5 * self.noise ** 2 * inside], -1)
+        return div, torch.zeros_like(inside)
 
     def project(self, x: Tensor) -> Tensor:
         return torch.stack([x[:, 0], torch.clamp(x[:, 1], min=0.0)], -1)
@@ -524,20 +524,21 @@ class HestonLogVariance(SDE):
         self.heston = heston
 
     def drift(self, t: Tensor, x: Tensor) -> Tensor:
-        h, inv_v = self.heston, torch.exp(-x[:, 1])
-        return torch.stack([h.mu - 0.5 / inv_v,
-                            (h.rate * h.level - 0.5 * h.noise ** 2) * inv_v - h.rate], -1)
+        h, y = self.heston, x[:, 1]
+        return torch.stack([h.mu - 0.5 * torch.exp(y),
+                            (h.rate * h.level - 0.5 * h.noise ** 2) * torch.exp(-y) - h.rate], -1)
 
     def drift_divergence(self, t: Tensor, x: Tensor) -> Tensor:
         h = self.heston
         return -(h.rate * h.level - 0.5 * h.noise ** 2) * torch.exp(-x[:, 1])
 
     def diffusion_sqrt(self, t: Tensor, x: Tensor) -> Tensor:
-        h, root = self.heston, torch.exp(0.5 * x[:, 1])[:, None] / math.sqrt(2.0)
-        zero = torch.zeros_like(root)
-        first = torch.stack([root, zero], -1)
-        second = torch.stack([h.noise * h.rho / root, h.noise * torch.sqrt(1.0 - h.rho ** 2) / root],
-                             -1) * 0.5
+        # S = σ/√2, row by row: √v/√2 (0), and ξ/(√2·√v) times (ρ, √(1 − ρ²))
+        h, half_y = self.heston, 0.5 * x[:, 1:2]
+        root, inv_root = torch.exp(half_y) / math.sqrt(2.0), torch.exp(-half_y) / math.sqrt(2.0)
+        first = torch.stack([root, torch.zeros_like(root)], -1)
+        second = torch.stack([h.noise * h.rho * inv_root,
+                              h.noise * torch.sqrt(1.0 - h.rho ** 2) * inv_root], -1)
         return torch.cat([first, second], -2)
 
     def diffusion_divergences(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -159,12 +159,14 @@ class TransitionDensity:
         # coordinates the SDE marches in logarithms (Heston's V): the data are taken there too,
         # and each density carries the Jacobian Π 1/x₁ back to the data's coordinates
         self.natural_sde = make_sde
-        self.log_dims = list(getattr(make_sde({}), "log_coordinates", ()))
+        probe = make_sde({})
+        self.log_dims = list(getattr(probe, "log_coordinates", ()))
         if self.log_dims:
             if not all(bool((a[:, self.log_dims] > 0).all()) for a in (transitions.x0, transitions.x1)):
                 raise UserError("the transition density is marched in the logarithm of coordinates "
                                 f"{self.log_dims}: their values must be > 0")
             make_sde = lambda v, natural=make_sde: natural(v).in_log_coordinates()  # noqa: E731
+            probe = probe.in_log_coordinates()
             self.jacobian = -torch.log(transitions.x1[:, self.log_dims]).sum(-1)
             transitions = replace(transitions, x0=self._to_log(transitions.x0),
                                   x1=self._to_log(transitions.x1))
@@ -177,7 +179,6 @@ class TransitionDensity:
         self.march_cfg = march
         self.marcher = TimeMarcher(self.march_cfg)
         tr = transitions
-        probe = make_sde({})
         self.time_dependent = cfg.time_dependent == "true" or (
             cfg.time_dependent == "auto" and not probe.autonomous)
         self.eps = cfg.start_fraction * float(tr.dt.min())
