@@ -41,8 +41,10 @@ def fitted(tmp_path_factory) -> Path:
     """One uninterrupted calibrate run (shared by the tests that read it)."""
     root = tmp_path_factory.mktemp("calibrate")
     data = write_ou_csv(root / "ou.csv")
-    result = run_cli(["calibrate", f"data={data}", *FAST, "hydra.run.dir=run"], root)
+    result = run_cli(["calibrate", f"data={data}", *FAST, "fit.bootstrap_sets=3",
+                      "hydra.run.dir=run"], root)
     assert result.returncode == 0, result.stderr
+    assert "bias-corrected" in result.stdout  # the console table's row
     return root / "run"
 
 
@@ -56,6 +58,25 @@ def test_fit_matches_the_exact_mle_in_standard_errors(fitted: Path):
     assert fit["baselines"]["euler"]["estimates"]["theta"] < 0.9 * exact["estimates"]["theta"]
     assert fit["n_transitions"] == 600 and fit["n_paths"] == 2
     assert abs(fit["loglik"] - exact["loglik"]) < 0.05
+
+
+def test_bootstrap_bias_correction_is_recorded_with_its_refits(fitted: Path):
+    """θ̃ = 2θ̂ − mean(θ̂*) from refits of data drawn at θ̂, its SE widened by √(1 + 1/B); the
+    refits scatter like the fit's own SEs say (the data's design is replayed, not one path)."""
+    fit = json.loads((fitted / "fit.json").read_text())
+    boot = fit["bias_correction"]
+    assert boot["refits"] == 3 and boot["failed"] == 0
+    reps = np.array(boot["replicates"])
+    assert reps.shape == (3, 3) and len({tuple(r) for r in reps.tolist()}) == 3
+    for i, name in enumerate(fit["names"]):
+        est, se = fit["estimates"][name], fit["se"][name]
+        assert boot["estimates"][name] == pytest.approx(2 * est - reps[:, i].mean(), rel=1e-12)
+        assert boot["se"][name] == pytest.approx(se * math.sqrt(4 / 3), rel=1e-12)
+        # 3 draws of a law with sd SE: each within 5 SE of θ̂, not all on top of it
+        assert np.all(np.abs(reps[:, i] - est) < 5 * se), name
+        assert np.abs(reps[:, i] - est).max() > 0.05 * se, name
+    summary = read_summary(fitted)
+    assert summary["metrics"]["theta_bias_corrected"] == boot["estimates"]["theta"]
 
 
 def test_run_directory_is_complete_and_loads_safely(fitted: Path):
@@ -109,6 +130,7 @@ def test_interrupted_fit_resumes_to_the_same_estimates(fitted: Path, tmp_path: P
     ("start", ["data=ou.csv", "equation.sde.sigma=[[-0.0]]", "fit.start_from=config"], "sigma"),
     ("cir_negative", ["data=neg.csv", "equation.sde.kind=cir"], "neg.csv line"),
     ("baseline", ["data=ou.csv", "fit.baselines=[exact,milstein]"], "milstein"),
+    ("bootstrap", ["data=ou.csv", "fit.bootstrap_sets=1"], "fit.bootstrap_sets=1"),
 ])
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, case, args, needle):
     write_ou_csv(tmp_path / "ou.csv", n=40)

@@ -58,6 +58,11 @@ class FitSettings:
     profile_width: float = 3.0
     #: x₀ bins of the transition-density plot (quantiles of the observed starts)
     density_bins: int = 3
+    #: B ≥ 2: remove the estimate's small-sample bias by a parametric bootstrap of B data sets
+    #: simulated at θ̂ with the data's design (likelihood.bootstrap); 0: none
+    bootstrap_sets: int = 0
+    #: the bootstrap's sampler sub-step (kinds without an exact law), as simulate.substep
+    bootstrap_substep: float = 1e-3
     pde: PDELikelihoodConfig = field(default_factory=PDELikelihoodConfig)
 
 
@@ -468,6 +473,11 @@ def check(cfg: DictConfig) -> None:
     check_choice("fit.start_from", cfg.fit.start_from, START_FROM)
     for name in cfg.fit.baselines:
         check_choice("fit.baselines", name, BASELINES)
+    if cfg.fit.bootstrap_sets == 1 or cfg.fit.bootstrap_sets < 0 \
+            or not cfg.fit.bootstrap_substep > 0:
+        raise UserError(f"fit.bootstrap_sets={cfg.fit.bootstrap_sets} must be 0 (no bias "
+                        f"correction) or ≥ 2, and fit.bootstrap_substep="
+                        f"{cfg.fit.bootstrap_substep} > 0")
     if cfg.fit.max_iter < 1 or not cfg.fit.tol > 0 or cfg.fit.profile_points < 0 \
             or cfg.fit.density_bins < 1 or not cfg.fit.profile_width > 0:
         raise UserError(f"fit.max_iter={cfg.fit.max_iter} (≥ 1), fit.tol={cfg.fit.tol} (> 0), "
@@ -484,14 +494,65 @@ def check(cfg: DictConfig) -> None:
     _density(problem)  # the time-march and mixture settings
 
 
-def _density(problem: Problem) -> TransitionDensity:
+def _density(problem: Problem, tset: TransitionSet | None = None) -> TransitionDensity:
+    """The PDE transition density of the data's transitions (or of ``tset``)."""
     from neuralpde_cli.ansatz.gmm import GMMConfig
     from neuralpde_cli.solvers.time_march import TimeMarchConfig
     cfg = problem.cfg
     mixture: GMMConfig = OmegaConf.to_object(cfg.ansatz)
     march: TimeMarchConfig = OmegaConf.to_object(cfg.optimizer)
-    return TransitionDensity(problem.sde, problem.tset, mixture, march,
+    return TransitionDensity(problem.sde, problem.tset if tset is None else tset, mixture, march,
                              OmegaConf.to_object(cfg.fit.pde))
+
+
+def _bootstrap(problem: Problem, result: fitting.FitResult, steps: list[float]) -> dict[str, Any]:
+    """The parametric-bootstrap bias correction (:mod:`neuralpde_cli.likelihood.bootstrap`): B
+    data sets drawn at θ̂ along the data's design, each refitted from θ̂ with the fit's
+    curvature; a refit that fails or does not converge is counted and left out."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from neuralpde_cli.likelihood import bootstrap
+
+    begin = time.perf_counter()
+    cfg, ts = problem.cfg.fit, problem.tset
+    theta, kinds = result.estimates, problem.kinds
+    sde = problem.sde(problem.tensors(theta, False))
+    generator = torch.Generator(device=problem.device).manual_seed(int(problem.cfg.seed) + 1)
+    hinv0 = fitting.start_inverse_hessian(theta, result.hessian, kinds)
+    refits, failed = [], 0
+    columns = (TextColumn("[bold]bootstrap"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TextColumn("{task.fields[info]}"))
+    with Progress(*columns, transient=True) as progress:
+        bar = progress.add_task("bootstrap", total=int(cfg.bootstrap_sets), info="")
+        for _ in range(int(cfg.bootstrap_sets)):
+            x0, x1 = bootstrap.replay_design(sde, ts.x0, ts.t0, ts.dt, problem.transitions.path,
+                                             generator, float(cfg.bootstrap_substep))
+            density = _density(problem, TransitionSet(x0, x1, ts.t0, ts.dt))
+            try:
+                density.step_times = list(steps)  # the fit's, re-chosen where stale
+                state = fitting.minimize(problem.objective(density.log_density), theta, kinds,
+                                         hinv0=hinv0, max_iter=cfg.max_iter,
+                                         tol=bootstrap.REFIT_TOL)
+            except (UserError, RuntimeError, ArithmeticError):
+                state = None
+            if state is None or not state.converged:
+                failed += 1
+            else:
+                refits.append(fitting.to_natural(state.u, kinds)[0])
+            done = np.mean(refits, axis=0) if refits else theta
+            progress.update(bar, advance=1, info="  ".join(
+                f"{n} {2 * e - m:.4g}" for n, e, m in zip(problem.names, theta, done)))
+    if len(refits) < max(2, int(cfg.bootstrap_sets) // 2):
+        log.warning("bootstrap: %d of %d refits failed; no bias correction", failed,
+                    cfg.bootstrap_sets)
+        return {"method": "parametric bootstrap", "sets": int(cfg.bootstrap_sets),
+                "refits": len(refits), "failed": failed, "estimates": None,
+                "time_s": time.perf_counter() - begin}
+    out = bootstrap.bias_correct(problem.names, theta, result.se, kinds, np.array(refits), failed)
+    out["time_s"] = time.perf_counter() - begin
+    log.info("bootstrap bias correction (%d refits, %.0f s): %s", len(refits), out["time_s"],
+             "  ".join(f"{n} {v:.5g}" for n, v in out["estimates"].items()))
+    return out
 
 
 def _true_values(data: str) -> dict[str, float] | None:
@@ -527,6 +588,8 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     fit_time = time.perf_counter() - t_fit
     diagnostics = _diagnostics(problem, density, result, baselines)
     result.notes.update(_robust(problem, density, result))
+    if cfg.fit.bootstrap_sets:
+        result.notes["bias_correction"] = _bootstrap(problem, result, density.step_times)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **diagnostics)
     atomic_write(run.path / "diagnostics.npz", lambda h: h.write(buffer.getvalue()))
@@ -554,6 +617,9 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     metrics = {"loglik": result.loglik, "aic": fit_json["aic"], "bic": fit_json["bic"],
                **{f"{p}": float(v) for p, v in zip(names, result.estimates)},
                **{f"se_{p}": float(v) for p, v in zip(names, result.se)}}
+    corrected = (result.notes.get("bias_correction") or {}).get("estimates")
+    if corrected:
+        metrics.update({f"{p}_bias_corrected": float(v) for p, v in corrected.items()})
     if "distance_se" in result.notes:
         metrics["max_distance_exact_se"] = max(abs(v) for v in result.notes["distance_se"].values())
     summary.update({"status": "completed", "metrics": metrics, "converged": result.converged,
@@ -576,10 +642,14 @@ def _report(names: list[str], result: fitting.FitResult, baselines: dict[str, di
         table.add_column(n, justify="right")
     table.add_column("log L", justify="right")
     rows = {"pde": {"estimates": dict(zip(names, result.estimates)),
-                    "se": dict(zip(names, result.se)), "loglik": result.loglik}, **baselines}
+                    "se": dict(zip(names, result.se)), "loglik": result.loglik}}
+    corrected = result.notes.get("bias_correction") or {}
+    if corrected.get("estimates"):
+        rows["pde, bias-corrected"] = {**corrected, "loglik": None}
+    rows.update(baselines)
     for method, entry in rows.items():
         table.add_row(method, *[f"{entry['estimates'][n]:.5g} ({entry['se'][n]:.2g})" for n in names],
-                      f"{entry['loglik']:.3f}")
+                      "—" if entry.get("loglik") is None else f"{entry['loglik']:.3f}")
     Console(stderr=False).print(table)
 
 
