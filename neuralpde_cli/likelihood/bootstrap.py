@@ -19,6 +19,7 @@ number of observations (Phillips & Yu 2005, Tang & Chen 2009). Only a correction
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -30,6 +31,15 @@ from torch import Tensor
 #: within about √(2·1e-4) ≈ 0.014 SE of its optimum, far below the bias estimate's own Monte
 #: Carlo noise (SE/√B)
 REFIT_TOL = 1e-4
+
+
+def stream_seed(seed: int, data: np.ndarray) -> int:
+    """The bootstrap's random stream, from the run's seed and the data themselves: a run is
+    reproducible, and two data sets fitted with the same seed (a simulation study's replications)
+    do not share their draws, whose Monte Carlo errors would then add up instead of averaging
+    out (20 daily Heston sets seeded alike all moved μ by +0.29, about 1 SE, the same way)."""
+    digest = hashlib.sha256(str(int(seed)).encode() + np.ascontiguousarray(data, float).tobytes())
+    return int.from_bytes(digest.digest()[:8], "little") >> 1
 
 
 def replay_design(sde: Any, x0: Tensor, t0: Tensor, dt: Tensor, path: np.ndarray,

@@ -517,7 +517,8 @@ def _bootstrap(problem: Problem, result: fitting.FitResult, steps: list[float]) 
     cfg, ts = problem.cfg.fit, problem.tset
     theta, kinds = result.estimates, problem.kinds
     sde = problem.sde(problem.tensors(theta, False))
-    generator = torch.Generator(device=problem.device).manual_seed(int(problem.cfg.seed) + 1)
+    generator = torch.Generator(device=problem.device).manual_seed(
+        bootstrap.stream_seed(problem.cfg.seed, problem.transitions.x1))
     hinv0 = fitting.start_inverse_hessian(theta, result.hessian, kinds)
     refits, failed = [], 0
     columns = (TextColumn("[bold]bootstrap"), BarColumn(), MofNCompleteColumn(),
