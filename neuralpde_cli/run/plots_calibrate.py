@@ -26,7 +26,8 @@ CHI2_95_HALF = 0.5 * 3.841458820694124
 #: the normal 97.5% quantile, for ±1.96·SE bars
 Z_95 = 1.959963984540054
 #: order and colour of the methods on estimates.png (the fit itself is "pde")
-METHOD_COLORS = {"pde": "C0", "exact": "k", "kessler": "C2", "euler": "C3"}
+METHOD_COLORS = {"pde": "C0", "bias-corrected": "C4", "exact": "k", "kessler": "C2",
+                 "euler": "C3"}
 #: metrics.csv columns that are not parameters
 _METRIC_COLUMNS = ("iteration", "loglik", "grad_norm", "step_size")
 _DPI = 110
@@ -317,7 +318,10 @@ def plot_estimates(fit: dict[str, Any], path: Path) -> list[Path]:
     baselines = fit.get("baselines") or {}
     order = sorted(baselines, key=lambda k: list(METHOD_COLORS).index(k) if k in METHOD_COLORS
                    else len(METHOD_COLORS))
-    methods = {fit.get("method", "pde"): fit, **{k: baselines[k] for k in order}}
+    methods = {fit.get("method", "pde"): fit}
+    if (fit.get("bias_correction") or {}).get("estimates"):  # fit.bootstrap_sets
+        methods["bias-corrected"] = fit["bias_correction"]
+    methods.update({k: baselines[k] for k in order})
     exact = baselines.get("exact")
     truth = fit.get("true_values") or {}
     names = _names(fit)
