@@ -63,7 +63,7 @@ def replay_design(sde: Any, x0: Tensor, t0: Tensor, dt: Tensor, path: np.ndarray
 def bias_correct(names: list[str], estimate: np.ndarray, se: np.ndarray, kinds: list[str],
                  replicates: np.ndarray, failed: int) -> dict[str, Any]:
     """θ̃ = 2θ̂ − mean(θ̂*) from the refits (B, P), with SEs and what was done where."""
-    from neuralpde_cli.likelihood.fit import to_natural, to_unconstrained
+    from neuralpde_cli.likelihood.fit import in_domain, to_natural, to_unconstrained
 
     reps = np.asarray(replicates, float).reshape(-1, len(names))
     sets = reps.shape[0]
@@ -74,8 +74,7 @@ def bias_correct(names: list[str], estimate: np.ndarray, se: np.ndarray, kinds: 
     u_hat = to_unconstrained(estimate, kinds)
     u_reps = np.array([to_unconstrained(r, kinds) for r in reps])
     in_u = to_natural(2 * u_hat - u_reps.mean(axis=0), kinds)[0]
-    outside = [not math.isfinite(v) or (k == "positive" and v <= 0)
-               or (k == "correlation" and not -1 < v < 1) for v, k in zip(corrected, kinds)]
+    outside = [not in_domain(v, k) for v, k in zip(corrected, kinds)]
     corrected = np.where(outside, in_u, corrected)
     spread = reps.std(axis=0, ddof=1) if sets > 1 else np.full(len(names), np.nan)
     return {"method": "parametric bootstrap", "sets": sets + failed, "refits": sets,

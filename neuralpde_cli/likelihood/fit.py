@@ -54,13 +54,18 @@ def to_natural(u: np.ndarray, kinds: list[str]) -> tuple[np.ndarray, np.ndarray]
     return theta, jac
 
 
+def in_domain(value: float, kind: str) -> bool:
+    """Whether a natural value is admissible under its constraint (finite; > 0; in (−1, 1))."""
+    return math.isfinite(value) and not (kind == "positive" and value <= 0) \
+        and not (kind == "correlation" and not -1 < value < 1)
+
+
 def check_start(names: list[str], theta: np.ndarray, kinds: list[str]) -> None:
     """A UserError naming a starting value outside its parameter's domain."""
     for name, value, kind in zip(names, theta, kinds):
         if kind not in CONSTRAINTS:
             raise UserError(f"parameter {name}: unknown constraint {kind!r}; one of {list(CONSTRAINTS)}")
-        if not math.isfinite(value) or (kind == "positive" and value <= 0) or \
-                (kind == "correlation" and not -1 < value < 1):
+        if not in_domain(value, kind):
             allowed = {"positive": "> 0", "correlation": "in (−1, 1)", "real": "finite"}[kind]
             raise UserError(f"the starting value {name}={value:g} must be {allowed}")
 
