@@ -81,10 +81,6 @@ HEADLINE = [
     ("CIR (3, 0.3, 0.2), 600 monthly", "cir", 1 / 12, 600, 14, 0.1, None, 60.0),
     ("CEV (3, 2, 0.2, 0.5), 1,250 daily", "cev", 1 / 250, 1250, 15, 0.1, None, None),
 ]
-#: OU's transition law is Gaussian, so one component is its exact family; the default K = 3
-#: stalls there (identical components make the march stiff: K = 2 took 461 steps to Δt = 0.5,
-#: K = 3 had not reached half of it after 800), so OU is fitted with K = 1, as a user should
-COMPONENTS = {"ou": 1}
 #: a cap on march steps (the default is 20,000): a stalled march with its autograd graph kept
 #: would otherwise fill the memory; healthy marches here take well under 100
 MAX_STEPS = 3000
@@ -103,7 +99,7 @@ SETTINGS: dict[str, dict[str, Any]] = {
                   dw_n=150, cost_n=(200,), cost_dt=(0.5,), cost_cir_dt=(1 / 12,), cost_k=(1,),
                   march_k=(1,),
                   march_w=(0.05,), cost_repeats=1, cir_big=0, cells_per_sd=5.0,
-                  fast=["ansatz.components=1", "fit.profile_points=3", "fit.density_bins=2"]),
+                  fast=["fit.profile_points=3", "fit.density_bins=2"]),
 }
 SPEC = Spec(
     "calibrate",
@@ -220,9 +216,8 @@ def _headline(spec: tuple, s: dict[str, Any], device: str, work: Path,
     fits, walls, fit_times = [], [], []
     for r in range(s["repeats"]):
         run_dir = work / f"{slug}-fit{r}"
-        k_override = [f"ansatz.components={COMPONENTS[kind]}"] if kind in COMPONENTS else []
         _, wall = _cli("calibrate", [f"data={data}", *_sde_overrides(kind, START[kind]),
-                                     f"optimizer.max_steps={MAX_STEPS}", *k_override, *s["fast"]],
+                                     f"optimizer.max_steps={MAX_STEPS}", *s["fast"]],
                        device, s["timeout_s"], run_dir)
         fit = json.loads((run_dir / "fit.json").read_text())
         fits.append(fit)
@@ -270,7 +265,7 @@ def _headline(spec: tuple, s: dict[str, Any], device: str, work: Path,
         checks.append(t_fit <= max_time)
         parts.append(f"≤ {max_time:g} s ({t_fit:.1f} s)")
     steps = fit.get("time_march", {}).get("steps")
-    k = fit["config"]["ansatz"]["components"]
+    k = fit["time_march"].get("components", fit["config"]["ansatz"]["components"])
     rows = [row("neuralpde calibrate (PDE)", setting, values=fit["estimates"], se=fit["se"],
                 loglik=fit["loglik"], distance_se=pde_dist, se_ratio_values=se_ratio,
                 time_s=t_fit, fit_times_s=fit_times, cli_wall_s=walls, n_transitions=fit["n_transitions"],
@@ -306,12 +301,12 @@ def _headline(spec: tuple, s: dict[str, Any], device: str, work: Path,
 # --- the Python API: data sets, fits -----------------------------------------------------------
 def _calibrate_defaults(kind: str) -> tuple[GMMConfig, TimeMarchConfig]:
     """The mixture and march settings `neuralpde calibrate` uses by default (configs/calibrate.yaml
-    over the group defaults), with :data:`COMPONENTS` and :data:`MAX_STEPS`."""
+    over the group defaults), with :data:`MAX_STEPS`; the first march chooses one component
+    where the law is near Gaussian, as calibrate's does."""
     cfg = OmegaConf.load(ROOT / "configs" / "calibrate.yaml")
     mixture = GMMConfig(**OmegaConf.to_container(cfg.get("ansatz", {})))
     march = TimeMarchConfig(**OmegaConf.to_container(cfg.get("optimizer", {})))
-    return (replace(mixture, components=COMPONENTS.get(kind, mixture.components)),
-            replace(march, max_steps=MAX_STEPS))
+    return mixture, replace(march, max_steps=MAX_STEPS)
 
 
 def _sde_config(kind: str, values: dict[str, float]) -> SDEConfig:
@@ -505,8 +500,8 @@ def _cost(s: dict[str, Any], device_name: str) -> list[Row]:
         x = _ou_data(n, dt) if kind == "ou" else _cir_data(n, dt)
         fitter = Fitter(kind, x, dt, device)
         mixture, march = _calibrate_defaults(kind)
-        density = TransitionDensity(fitter.sde, fitter.tset, replace(mixture, components=k),
-                                    march, PDELikelihoodConfig())
+        density = TransitionDensity(fitter.sde, fitter.tset, mixture, march, PDELikelihoodConfig())
+        density.use_components(k)  # this K, not the one the first march would choose
         truth = np.array([TRUTH[kind][name] for name in fitter.names])
         steps = density.freeze_steps(fitter.tensors(truth, False))
         nll = fitter.objective(lambda v: density.log_density(v))

@@ -217,7 +217,7 @@ def _ou2(s: dict[str, Any], device: str, work: Path) -> list[Row]:
                       f"simulate.observations={s['ou_n']}", "simulate.dt=0.5", "seed=21"], sim, device)
     fit = _cli("calibrate", [f"data={sim}/data.csv", "equation.dim=2", "equation.sde.kind=ou",
                              "equation.sde.theta=[[1.0,0.0],[0.0,1.0]]", "equation.sde.mean=[0.0,0.0]",
-                             "equation.sde.sigma=[[1.0,0.0],[0.0,1.0]]", "ansatz.components=1",
+                             "equation.sde.sigma=[[1.0,0.0],[0.0,1.0]]",
                              *LEAN], work / "ou2_fit", device)
     exact = fit["baselines"]["exact"]
     dist = {n: abs(fit["estimates"][n] - exact["estimates"][n]) / exact["se"][n] for n in fit["names"]}

@@ -212,6 +212,37 @@ class SDE(torch.nn.Module):
         """Keep a discretized path in the state space (identity unless bounded below)."""
         return x
 
+    def march_coordinates(self) -> dict[int, float]:
+        """The coordinates a transition density is marched in, each with its power a:
+        y = xᵃ/a (a = 0: y = log x). Empty: the natural coordinates. See
+        :meth:`in_march_coordinates`."""
+        return {}
+
+    def in_march_coordinates(self, floor: float = 0.0) -> "SDE":
+        """The same process in the coordinates :meth:`march_coordinates` names (Itô's lemma).
+        ``floor``: where a power coordinate (a > 0) has a boundary at y = 0, the coefficients
+        below y = floor > 0 are held at their value there (finite, and consistent: no
+        derivatives), so the far tail of a Gaussian component that reaches past the boundary
+        reads finite coefficients."""
+        return self
+
+
+def to_march(x: Tensor, powers: dict[int, float]) -> Tensor:
+    """x with each coordinate i of ``powers`` replaced by y = xᵃ/a (a = 0: log x)."""
+    out = x.clone()
+    for i, a in powers.items():
+        out[..., i] = torch.log(x[..., i]) if a == 0 else x[..., i] ** a / a
+    return out
+
+
+def march_log_jacobian(x: Tensor, powers: dict[int, float]) -> Tensor:
+    """log |dy/dx| (...,) of :func:`to_march` at x: Σ (a − 1) log xᵢ. A density in y times
+    this Jacobian is the density in x."""
+    out = torch.zeros_like(x[..., 0])
+    for i, a in powers.items():
+        out = out + (a - 1.0) * torch.log(x[..., i])
+    return out
+
 
 def _matrix(values: list[list[float]], dim: int, name: str, dtype: torch.dtype,
             device: torch.device) -> Tensor:
@@ -384,6 +415,21 @@ class StateDependentNoise(SDE):
     def project(self, x: Tensor) -> Tensor:
         return torch.clamp(x, min=0.0)
 
+    def march_coordinates(self) -> dict[int, float]:
+        """Lamperti's coordinate y = x^{1−p}/(1 − p) where the noise is constant (CIR: 2√x;
+        GBM: log x), a ∈ [0, ½]: the law there is near Gaussian with Gaussian tails, and the
+        start grid and mixture never cross 0. CEV takes a = 1 − γ at the γ it is built with
+        (the fit's start), clipped to [0, ½], so the coordinates stay fixed during a fit."""
+        p = float(self.power)
+        a = min(max(1.0 - p, 0.0), 0.5)
+        import os
+        if "NPDE_A" in os.environ:
+            a = float(os.environ["NPDE_A"])
+        return {i: a for i in range(self.dim)}
+
+    def in_march_coordinates(self, floor: float = 0.0) -> "PowerNoiseInPowerCoordinates":
+        return PowerNoiseInPowerCoordinates(self, self.march_coordinates()[0], floor)
+
     def sample_transition(self, x0: Tensor, t0: Tensor, dt: Tensor,
                           generator: torch.Generator | None = None,
                           substep: float = 1e-3) -> Tensor:
@@ -404,6 +450,68 @@ class StateDependentNoise(SDE):
         n = torch.poisson(rate_n.to(where), generator=generator).to(x0.device)
         out = standard_gamma(df / 2.0 + n, generator) / c
         return torch.where(moved, out, x0)
+
+
+class PowerNoiseInPowerCoordinates(SDE):
+    r"""A :class:`StateDependentNoise` process in y = xᵃ/a per coordinate (a = 0: log x), by
+    Itô's lemma. With drift c₀ + c₁x (CIR: κθ − κx; GBM: κx) and noise s·xᵖ, each coordinate has
+
+    μ_y = c₀x^{a−1} + c₁xᵃ + ½(a − 1)s²x^{a+2p−2},  S_y = s/√2·x^q (q = p + a − 1),
+    ∂_yμ_y = (a − 1)c₀/x + a·c₁ + ½(a − 1)(a + 2p − 2)s²x^{2p−2},
+    ∂_yD_y = q·s²·x^{2p+a−2},  ∂²_yD_y = q(2p + a − 2)s²x^{2p−2},
+
+    x = (a·y)^{1/a} (a = 0: eʸ). At a = 1 − p (Lamperti) the noise is constant. Points with
+    a·y ≤ 0 lie outside the state space: below y = ``floor`` (a > 0) the coefficients are held
+    at their value there, and their derivatives are 0."""
+
+    constant_diffusion = False
+
+    def __init__(self, base: StateDependentNoise, a: float, floor: float = 0.0) -> None:
+        super().__init__(base.dim)
+        self.base, self.a = base, float(a)
+        if self.a > 0 and not floor > 0:
+            raise ValueError("a power coordinate (a > 0) needs a floor > 0")
+        self.floor = float(floor)
+        # CIR (p = ½) at a = ½, GBM (p = 1) at a = 0; CEV's γ is a parameter, so never constant
+        self.constant_diffusion = not isinstance(base.power, Tensor) and base.power + self.a == 1.0
+
+    def _x(self, y: Tensor) -> Tensor:
+        if self.a == 0:
+            return torch.exp(y)
+        return (self.a * torch.clamp(y, min=self.floor)) ** (1.0 / self.a)
+
+    def _inside(self, y: Tensor, value: Tensor) -> Tensor:
+        """A derivative, 0 where the coefficients are held (below the floor)."""
+        return value if self.a == 0 else torch.where(y > self.floor, value, torch.zeros_like(value))
+
+    def _linear(self) -> tuple[Tensor, Tensor]:
+        b = self.base
+        return (b.rate * b.level, -b.rate) if b.reverting else (torch.zeros_like(b.rate), b.rate)
+
+    def drift(self, t: Tensor, x: Tensor) -> Tensor:
+        a, p, s2 = self.a, self.base.power, self.base.noise ** 2
+        c0, c1 = self._linear()
+        z = self._x(x)
+        return c0 * z ** (a - 1) + c1 * z ** a + 0.5 * (a - 1) * s2 * z ** (a + 2 * p - 2)
+
+    def drift_divergence(self, t: Tensor, x: Tensor) -> Tensor:
+        a, p, s2 = self.a, self.base.power, self.base.noise ** 2
+        c0, c1 = self._linear()
+        z = self._x(x)
+        return self._inside(x, (a - 1) * c0 / z + a * c1
+                            + 0.5 * (a - 1) * (a + 2 * p - 2) * s2 * z ** (2 * p - 2)).sum(-1)
+
+    def diffusion_sqrt(self, t: Tensor, x: Tensor) -> Tensor:
+        b = self.base
+        if self.constant_diffusion:
+            return torch.diag_embed((b.noise / math.sqrt(2.0)).expand(self.dim))
+        return torch.diag_embed(b.noise / math.sqrt(2.0) * self._x(x) ** (b.power + self.a - 1.0))
+
+    def diffusion_divergences(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        a, p, s2 = self.a, self.base.power, self.base.noise ** 2
+        q, z = p + a - 1.0, self._x(x)
+        return (self._inside(x, q * s2 * z ** (2 * p + a - 2)),
+                self._inside(x, q * (2 * p + a - 2) * s2 * z ** (2 * p - 2)).sum(-1))
 
 
 class CEV(StateDependentNoise):
@@ -446,8 +554,6 @@ class Heston(SDE):
     invariant_dims = (0,)
     #: coordinates that must stay > 0 in data (V)
     positive_dims = (1,)
-    #: a transition density is marched in log V (:meth:`in_log_coordinates`)
-    log_coordinates = (1,)
 
     def __init__(self, mu: Tensor, rate: Tensor, level: Tensor, noise: Tensor, rho: Tensor) -> None:
         super().__init__(2)
@@ -479,8 +585,12 @@ class Heston(SDE):
     def project(self, x: Tensor) -> Tensor:
         return torch.stack([x[:, 0], torch.clamp(x[:, 1], min=0.0)], -1)
 
-    def in_log_coordinates(self) -> "HestonLogVariance":
-        """The same process in (log S, log V) (:attr:`log_coordinates`)."""
+    def march_coordinates(self) -> dict[int, float]:
+        """A transition density is marched in log V (:class:`HestonLogVariance`)."""
+        return {1: 0.0}
+
+    def in_march_coordinates(self, floor: float = 0.0) -> "HestonLogVariance":
+        """The same process in (log S, log V) (no boundary: ``floor`` is not needed)."""
         return HestonLogVariance(self)
 
     def sample_transition(self, x0: Tensor, t0: Tensor, dt: Tensor,

@@ -169,7 +169,7 @@ def test_heston_log_variance_coordinates_are_ito_of_heston():
     """The march runs in (log S, log V): its drift and D are Itô's lemma applied to Heston's,
     its closed-form divergences match autograd."""
     heston = build_sde_with(SDEConfig(kind="heston", **HESTON_WEEKLY), 2, {}, F64, CPU)
-    logv = heston.in_log_coordinates()
+    logv = heston.in_march_coordinates()
     y = torch.tensor([[0.1, -6.0], [0.0, -1.5], [1.0, -3.1]], dtype=F64)
     v = torch.exp(y[:, 1])
     s = heston.diffusion_sqrt(None, torch.stack([y[:, 0], v], -1))
@@ -200,7 +200,7 @@ def test_heston_is_marched_in_log_v_on_a_uniform_grid():
     x, dt = _heston_weekly(400, seed=2)
     assert x[:, 1].min() < 0.1 * 0.044  # the data do come close to 0
     td = _heston_density(x, dt)
-    assert td.use_grid and td.members == 16 and td.log_dims == [1]
+    assert td.use_grid and td.members == 16 and td.powers == {1: 0.0}
     y = td.starts[:, 1].numpy()
     assert y.min() < np.log(x[:, 1]).min() and y.max() > np.log(x[:, 1]).max()
     np.testing.assert_allclose(np.diff(y), np.diff(y)[0], rtol=1e-10)

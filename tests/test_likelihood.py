@@ -36,12 +36,14 @@ def ou_path(n: int, dt: np.ndarray | float, theta: float, mean: float, sigma: fl
     return x
 
 
-def density(kind: str, x0, x1, dt, components: int = 1, grid: int = 16) -> TransitionDensity:
+def density(kind: str, x0, x1, dt, components: int = 1, grid: int = 16,
+            coordinates: str = "auto") -> TransitionDensity:
     cfg = SDEConfig(kind=kind, theta=[[1.0]], mean=[0.0], sigma=[[1.0]])
     ts = TransitionSet.from_arrays(x0, x1, np.zeros(len(x0)), dt, F64, CPU)
     return TransitionDensity(lambda v: build_sde_with(cfg, 1, v, F64, CPU), ts,
                              GMMConfig(components=components, split=0.3),
-                             TimeMarchConfig(rtol=1e-5), PDELikelihoodConfig(grid=grid))
+                             TimeMarchConfig(rtol=1e-5),
+                             PDELikelihoodConfig(grid=grid, coordinates=coordinates))
 
 
 def tensors(**values: float) -> dict[str, torch.Tensor]:
@@ -122,9 +124,10 @@ def test_a_trial_that_needs_far_more_steps_is_refused_and_the_old_steps_stay():
     assert nll(np.array([2000.0, 0.0, 1.0]))[0] == math.inf
 
 
-def test_cir_monthly_needs_and_gets_a_non_gaussian_density():
-    """CIR at Δt = 1/12 is skewed: one Gaussian is off by 4e-2 per point on average, three
-    components from the short-time start by ≤ 3e-3 (against the non-central χ²)."""
+def test_cir_monthly_is_near_gaussian_in_its_lamperti_coordinate():
+    """CIR at Δt = 1/12 is skewed in x: one Gaussian marched there is off by 4e-2 per point on
+    average. In Lamperti's coordinate 2√x (where the noise is constant) one Gaussian is within
+    3e-3, and the first march chooses one component by itself (against the non-central χ²)."""
     rng = np.random.default_rng(0)
     k, m, s, dt, n = 3.0, 0.3, 0.2, 1 / 12, 300
     c = s * s * (1 - math.exp(-k * dt)) / (4 * k)
@@ -133,15 +136,20 @@ def test_cir_monthly_needs_and_gets_a_non_gaussian_density():
     for i in range(n):
         x[i + 1] = c * rng.noncentral_chisquare(4 * k * m / s ** 2, x[i] * math.exp(-k * dt) / c)
     exact = cir_log_density(x[:-1], x[1:], dt, k, m, s)
+    values = tensors(rate=k, level=m, noise=s)
     errors = {}
-    for comps in (1, 3):
-        td = density("cir", x[:-1], x[1:], np.full(n, dt), components=comps, grid=12)
-        values = tensors(rate=k, level=m, noise=s)
+    for coordinates, comps in (("natural", 1), ("auto", 1), ("auto", 3)):
+        td = density("cir", x[:-1], x[1:], np.full(n, dt), components=comps, grid=12,
+                     coordinates=coordinates)
         td.freeze_steps(values)
         with torch.no_grad():
-            errors[comps] = float(np.abs(td.log_density(values, False).numpy() - exact).mean())
-    assert errors[1] > 1e-2
-    assert errors[3] < 3e-3
+            errors[coordinates, comps] = float(np.abs(td.log_density(values, False).numpy()
+                                                      - exact).mean())
+        if comps == 3:  # asked for at most 3; the one-Gaussian march's residual said 1 suffices
+            assert td.mixture.components == 1 and td.gaussian_residual < 0.05
+    assert td.powers == {0: 0.5}
+    assert errors["natural", 1] > 1e-2
+    assert errors["auto", 1] < 3e-3 and errors["auto", 3] < 3e-3
 
 
 def test_pde_fit_lands_on_the_exact_mle_with_the_same_standard_errors():

@@ -83,9 +83,11 @@ class FokkerPlanck(DensityEquation):
         self.cfg = cfg
         self.sde = build_sde(cfg.sde, cfg.dim, dtype, device)
         self.constant_diffusion = self.sde.constant_diffusion
-        if self.sde.lower_bound is not None and bool((mean <= self.sde.lower_bound).any()):
-            raise UserError(f"equation.initial_mean={mean.tolist()} must lie above "
-                            f"{self.sde.lower_bound} for sde.kind={cfg.sde.kind}")
+        bounds = self.lower_bounds()
+        low = [i for i, b in enumerate(bounds) if b is not None and float(mean[i]) <= b]
+        if low:
+            raise UserError(f"equation.initial_mean={mean.tolist()}: coordinate {low[0]} must lie "
+                            f"above {bounds[low[0]]:g} for sde.kind={cfg.sde.kind}")
         self._references: dict[tuple[float, ...], FDSolution] = {}
         self._samples: np.ndarray | None = None
 
@@ -103,6 +105,12 @@ class FokkerPlanck(DensityEquation):
     def diffusion_divergences(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         closed = None if self.constant_diffusion else self.sde.diffusion_divergences(t, x)
         return closed if closed is not None else super().diffusion_divergences(t, x)
+
+    def lower_bounds(self) -> list[float | None]:
+        """Each coordinate's lower end of the state space (CIR, GBM: 0 in every coordinate;
+        Heston: 0 for V), or None."""
+        positive = set(getattr(self.sde, "positive_dims", ()))
+        return [0.0 if i in positive else self.sde.lower_bound for i in range(self.dim)]
 
     # --- exact solution and references ------------------------------------------------------
     def exact_moments(self, t: Tensor) -> tuple[Tensor, Tensor] | None:
@@ -127,9 +135,9 @@ class FokkerPlanck(DensityEquation):
         lo, hi = samples.min(0), samples.max(0)
         width = hi - lo
         lo, hi = lo - 0.5 * width, hi + 0.5 * width
-        if self.sde.lower_bound is not None:
-            bound = self.sde.lower_bound
-            lo = np.maximum(lo, bound + 0.5 * (samples.min(0) - bound))
+        for i, bound in enumerate(self.lower_bounds()):
+            if bound is not None:
+                lo[i] = max(lo[i], bound + 0.5 * (samples[:, i].min() - bound))
         return np.stack([lo, hi], -1)
 
     def _path_samples(self) -> np.ndarray:

@@ -82,17 +82,21 @@ class FitState:
     evaluations: int = 0
     converged: bool = False
     step: float = 0.0
+    #: the last :data:`STALL_ITERATIONS` iterations left θ and log L where they were: the
+    #: log-likelihood is not smooth enough there for the line search to make progress
+    stalled: bool = False
 
     def arrays(self) -> dict[str, np.ndarray]:
         return {"u": self.u, "f": np.array(self.f), "g": self.g, "hinv": self.hinv,
                 "iteration": np.array(self.iteration), "evaluations": np.array(self.evaluations),
-                "converged": np.array(self.converged), "step": np.array(self.step)}
+                "converged": np.array(self.converged), "step": np.array(self.step),
+                "stalled": np.array(self.stalled)}
 
     @classmethod
     def from_arrays(cls, a: dict[str, np.ndarray]) -> "FitState":
         return cls(np.asarray(a["u"], float), float(a["f"]), np.asarray(a["g"], float),
                    np.asarray(a["hinv"], float), int(a["iteration"]), int(a["evaluations"]),
-                   bool(a["converged"]), float(a["step"]))
+                   bool(a["converged"]), float(a["step"]), bool(a.get("stalled", False)))
 
 
 @dataclass
@@ -162,6 +166,9 @@ def _safe(objective: Objective, trial: bool = True) -> Objective:
 
 #: the largest move of one unconstrained coordinate in one line search
 MAX_STEP_U = 2.0
+#: iterations in a row that move neither θ (by 1e-9 relative) nor log L (by 1e-10 relative)
+#: end a fit as stalled: a 1-D CIR fit once repeated one iterate for 12 iterations at 3–10 s
+STALL_ITERATIONS = 3
 
 
 def minimize(objective: Objective, start: np.ndarray, kinds: list[str], *,
@@ -181,6 +188,7 @@ def minimize(objective: Objective, start: np.ndarray, kinds: list[str], *,
         state = FitState(u, f, g, hinv, evaluations=1)
         if callback is not None:
             callback(state, to_natural(state.u, kinds)[0])
+    idle = 0
     while not state.converged and state.iteration < max_iter:
         direction = -state.hinv @ state.g
         slope = float(state.g @ direction)
@@ -215,11 +223,19 @@ def minimize(objective: Objective, start: np.ndarray, kinds: list[str], *,
                 state.hinv = eye * sy / float(y @ y)
             state.hinv = (eye - rho * np.outer(s, y)) @ state.hinv @ (eye - rho * np.outer(y, s)) \
                 + rho * np.outer(s, s)
+        still = bool(np.all(np.abs(u_new - state.u) <= 1e-9 * (1.0 + np.abs(state.u)))) \
+            and abs(f_new - state.f) <= 1e-10 * max(1.0, abs(state.f))
+        idle = idle + 1 if still else 0
         state.u, state.f, state.g = u_new, f_new, g_new
         state.iteration += 1
         state.step = step
+        if idle >= STALL_ITERATIONS:
+            state.stalled = True
+            state.converged = -0.5 * slope < 100 * tol
         if callback is not None:
             callback(state, to_natural(state.u, kinds)[0])
+        if state.stalled:
+            break
     return state
 
 
@@ -315,8 +331,11 @@ def summarize(names: list[str], objective: Objective, state: FitState, kinds: li
         cov, se = np.full_like(hess, np.nan), np.full(len(theta), np.nan)
     with np.errstate(invalid="ignore", divide="ignore"):
         corr = cov / np.outer(se, se)
+    # converged: the optimizer's test passed, and the end point is a maximum with finite SEs
+    converged = state.converged and not state.stalled and bool(np.all(np.isfinite(se)))
+    notes = {"stalled": True} if state.stalled else {}
     return FitResult(names, theta, -state.f, hess, se, cov, corr, state.iteration,
-                     state.evaluations, state.converged)
+                     state.evaluations, converged, notes)
 
 
 def sandwich(hessian: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -11,9 +11,11 @@ per θ covers every transition of a data set:
   the number of transitions. Coordinates the coefficients do not depend on (log S in Heston)
   need no axis: the density is marched at one value and shifted. Time-dependent coefficients,
   or ``per_start``, march every distinct (x₀, t₀), each member from its own calendar time.
-* **Coordinates where the law has no boundary.** An SDE may declare ``log_coordinates`` (Heston's
-  V): the march runs in their logarithms (``in_log_coordinates``), where a weekly variance law is
-  near Gaussian, and each density is carried back by the Jacobian Π 1/x₁.
+* **Coordinates where the law is near Gaussian.** An SDE may declare ``march_coordinates``: a
+  power y = xᵃ/a or the logarithm of a positive coordinate (CIR's Lamperti coordinate 2√x,
+  Heston's log V). The march runs there (``in_march_coordinates``), where the law has Gaussian
+  tails and the grid and mixture stay inside the state space, and each density is carried back
+  by the Jacobian Π |dy/dx₁|.
 * **No stiff point-mass start.** A point mass has no density; a narrow Gaussian N(x₀, w²) adds
   w² to the transition's variance. The march instead starts at a short time ε after x₀ from
   the Euler–Maruyama law N(x₀ + μ(x₀)ε, σσᵀ(x₀)ε), whose error in mean and variance is O(ε²)
@@ -46,7 +48,7 @@ from torch import Tensor
 from neuralpde_cli.ansatz.gmm import GaussianMixtureAnsatz, GMMConfig, MixtureLayout
 from neuralpde_cli.equations.fokker_planck import FokkerPlanck, FokkerPlanckConfig
 from neuralpde_cli.errors import UserError
-from neuralpde_cli.sdes import SDE, SDEConfig
+from neuralpde_cli.sdes import SDE, SDEConfig, march_log_jacobian, to_march
 from neuralpde_cli.solvers.time_march import TimeMarchConfig, TimeMarcher
 
 
@@ -115,6 +117,13 @@ class PDELikelihoodConfig:
     #: coefficients that depend on calendar time: each transition is marched from its own
     #: start time (auto: as the SDE declares; custom callables are taken as time-dependent)
     time_dependent: str = "auto"
+    #: the coordinates the density is marched in: auto, as the SDE declares (CIR and CEV:
+    #: Lamperti's 2√x, GBM and Heston's V: log); natural: the data's own
+    coordinates: str = "auto"
+    #: one Gaussian component instead of ``ansatz.components`` when a one-component march at
+    #: the start has a relative Galerkin residual at most this (the law is near Gaussian in the
+    #: march's coordinates: OU, CIR at short Δt); 0: always ``ansatz.components``
+    gaussian_residual: float = 0.05
 
 
 AUTO_GRID = {1: 16, 2: 8, 3: 5}
@@ -135,6 +144,7 @@ MIN_STEP_CAP = 64
 #: CIR monthly log-densities of 64 to 1e-5 at a third of the cost (README § Calibration)
 BASE_POINTS = {1: 24}
 TIME_DEPENDENT = ("auto", "true", "false")
+COORDINATES = ("auto", "natural")
 
 
 class TransitionDensity:
@@ -151,25 +161,36 @@ class TransitionDensity:
             raise UserError(f"fit.pde.grid={cfg.grid} must be 0 (automatic) or ≥ 4 nodes per axis")
         if not 0 < cfg.start_fraction < 0.5:
             raise UserError(f"fit.pde.start_fraction={cfg.start_fraction} must be in (0, 0.5)")
+        if not cfg.gaussian_residual >= 0:
+            raise UserError(f"fit.pde.gaussian_residual={cfg.gaussian_residual} must be ≥ 0 "
+                            "(0: always ansatz.components)")
+        if cfg.coordinates not in COORDINATES:
+            raise UserError(f"fit.pde.coordinates={cfg.coordinates!r} is unknown; choose one of "
+                            f"{list(COORDINATES)}")
         if cfg.time_dependent not in TIME_DEPENDENT:
             raise UserError(f"fit.pde.time_dependent={cfg.time_dependent!r} is unknown; choose "
                             f"one of {list(TIME_DEPENDENT)}")
         if not bool((transitions.dt > 0).all()):
             raise UserError("every transition needs Δt > 0 (times must increase within a path)")
-        # coordinates the SDE marches in logarithms (Heston's V): the data are taken there too,
-        # and each density carries the Jacobian Π 1/x₁ back to the data's coordinates
+        # coordinates the SDE marches in powers or logarithms (CIR's 2√x, Heston's log V): the
+        # data are taken there too, and each density carries the Jacobian |dy/dx| back
         self.natural_sde = make_sde
         probe = make_sde({})
-        self.log_dims = list(getattr(probe, "log_coordinates", ()))
-        if self.log_dims:
-            if not all(bool((a[:, self.log_dims] > 0).all()) for a in (transitions.x0, transitions.x1)):
-                raise UserError("the transition density is marched in the logarithm of coordinates "
-                                f"{self.log_dims}: their values must be > 0")
-            make_sde = lambda v, natural=make_sde: natural(v).in_log_coordinates()  # noqa: E731
-            probe = probe.in_log_coordinates()
-            self.jacobian = -torch.log(transitions.x1[:, self.log_dims]).sum(-1)
-            transitions = replace(transitions, x0=self._to_log(transitions.x0),
-                                  x1=self._to_log(transitions.x1))
+        self.powers = probe.march_coordinates() if cfg.coordinates == "auto" else {}
+        if self.powers:
+            dims = sorted(self.powers)
+            if not all(bool((a[:, dims] > 0).all()) for a in (transitions.x0, transitions.x1)):
+                raise UserError("the transition density is marched in powers or logarithms of "
+                                f"coordinates {dims}: their values must be > 0")
+            self.jacobian = march_log_jacobian(transitions.x1, self.powers)
+            transitions = replace(transitions, x0=to_march(transitions.x0, self.powers),
+                                  x1=to_march(transitions.x1, self.powers))
+            # a power coordinate's coefficients are held below half the smallest
+            # observed y (its state space ends at 0): data never come near, and the far tail of
+            # a component that crosses 0 reads finite values
+            floor = 0.5 * float(torch.cat([transitions.x0[:, dims], transitions.x1[:, dims]]).min())
+            make_sde = lambda v, natural=make_sde: natural(v).in_march_coordinates(floor)  # noqa: E731
+            probe = probe.in_march_coordinates(floor)
         else:
             self.jacobian = torch.zeros_like(transitions.dt)
         self.make_sde, self.data, self.cfg = make_sde, transitions, cfg
@@ -199,7 +220,9 @@ class TransitionDensity:
                 lo, hi = float(tr.x0[:, i].min()), float(tr.x0[:, i].max())
                 span = max(hi - lo, 1e-3 * max(1.0, abs(hi)))
                 h = span / (nodes_per_axis - 3)
-                self.nodes.append(torch.linspace(lo - h, hi + h, nodes_per_axis, dtype=tr.x0.dtype,
+                # a coordinate marched in a power (a > 0) lives above 0: its grid stays there
+                lower = max(lo - h, 0.5 * lo) if self.powers.get(i, 0.0) > 0 else lo - h
+                self.nodes.append(torch.linspace(lower, hi + h, nodes_per_axis, dtype=tr.x0.dtype,
                                                  device=tr.x0.device))
             mesh = torch.meshgrid(*self.nodes, indexing="ij") if self.nodes else []
             count = int(np.prod([len(n) for n in self.nodes])) if self.nodes else 1
@@ -220,7 +243,6 @@ class TransitionDensity:
             self.starts = unique[:, :tr.dim].contiguous()
             if self.time_dependent:
                 self.offsets = unique[:, tr.dim].contiguous()
-        self.step_times: list[float] | None = None
         #: how often the replayed steps were found stale and chosen again (fit.json reports it)
         self.refreezes = 0
         eye = np.eye(tr.dim).tolist()  # a placeholder SDE; each evaluation swaps in its own
@@ -228,8 +250,52 @@ class TransitionDensity:
                                     sde=SDEConfig(kind="brownian", sigma=eye),
                                     initial_mean=[0.0] * tr.dim, initial_std=1.0, eval_times=[])
         self.equation = FokkerPlanck(eq_cfg, tr.x0.dtype, tr.x0.device)
-        self.ansatz = GaussianMixtureAnsatz.for_equation(mixture, self.equation)
+        self.use_components(mixture.components)
+        #: the one-component march's residual at the start (:meth:`choose_components`)
+        self.gaussian_residual: float | None = None
+        #: the first :meth:`freeze_steps` chooses the components, unless they were set
+        self.components_chosen = False
+
+    def _data_weighted(self, per_member: Tensor | None) -> float:
+        """The mean of a per-member figure over the transitions, each member weighted by the
+        transitions it serves (a grid member: the sum of its |spline weights|)."""
+        if per_member is None:
+            return 0.0
+        if self.use_grid:
+            share = self.weights.abs().sum(0)
+        else:
+            share = torch.bincount(self.start_of, minlength=self.members).to(per_member)
+        return float((share * per_member).sum() / share.sum())
+
+    def use_components(self, components: int) -> None:
+        """March a mixture of this many components from now on (the frozen steps go)."""
+        self.mixture = replace(self.mixture, components=int(components))
+        self.ansatz = GaussianMixtureAnsatz.for_equation(self.mixture, self.equation)
         self.layout: MixtureLayout = self.ansatz.layout
+        self.step_times = None
+        self.components_chosen = True
+
+    def choose_components(self, values: dict[str, Tensor], components: int) -> int:
+        """One Gaussian where the law is near Gaussian, else ``components``: a one-component
+        march at ``values`` whose worst relative Galerkin residual is at most
+        ``gaussian_residual`` follows the Fokker–Planck equation closely. Why not always K:
+        components that coincide (OU's law stays Gaussian) make the march's least-squares
+        system singular, and a 1-D OU fit with K = 3 took thousands of steps; where one
+        Gaussian suffices it is also the most accurate (measured: README § Calibration)."""
+        values = {k: v.detach() for k, v in values.items()}
+        self.use_components(1)
+        residual = math.inf
+        if components > 1 and self.cfg.gaussian_residual > 0:
+            try:
+                with torch.no_grad():
+                    march = self._run(values, False)
+                residual = self._data_weighted(march.member_residual)
+            except (RuntimeError, ArithmeticError):  # Diverged; torch's LinAlgError
+                pass
+        self.gaussian_residual = residual if math.isfinite(residual) else None
+        if residual > self.cfg.gaussian_residual:
+            self.use_components(components)
+        return self.mixture.components
 
     @property
     def members(self) -> int:
@@ -288,6 +354,8 @@ class TransitionDensity:
         """Choose the step times adaptively at ``values`` and replay them from now on; needing
         more than ``max_steps`` (default: the march's own cap) raises ``Diverged``, and the
         steps frozen before stay."""
+        if not self.components_chosen:
+            self.choose_components(values, self.mixture.components)
         frozen, self.step_times = self.step_times, None
         capped = max_steps is not None and max_steps < self.march_cfg.max_steps
         marcher = TimeMarcher(replace(self.march_cfg, max_steps=max_steps)) if capped else None
@@ -368,12 +436,6 @@ class TransitionDensity:
             out[rows] = read
         return out
 
-    def _to_log(self, x: Tensor) -> Tensor:
-        """x with the coordinates :attr:`log_dims` replaced by their logarithms."""
-        out = x.clone()
-        out[:, self.log_dims] = torch.log(x[:, self.log_dims])
-        return out
-
     @staticmethod
     def _state_at(marched, t: Tensor, member: Tensor) -> Tensor:
         """State of march member ``member`` (P,) at times t (P,), from the dense output."""
@@ -407,9 +469,10 @@ class TransitionDensity:
                               torch.full_like(starts[:, 0], dt))
         other = TransitionDensity(self.natural_sde, probe, self.mixture, self.march_cfg,
                                   replace(self.cfg, per_start=True))
-        grid = torch.as_tensor(np.asarray(x, float), dtype=ref.dtype, device=ref.device)
-        log_axis = axis in self.log_dims  # p(x) = p_log(log x) / x
-        natural, grid = grid, torch.log(grid) if log_axis else grid
+        natural = torch.as_tensor(np.asarray(x, float), dtype=ref.dtype, device=ref.device)
+        power = {0: self.powers[axis]} if axis in self.powers else {}  # p(x) = p_y(y(x))·|dy/dx|
+        grid = to_march(natural[:, None], power)[:, 0]
+        jacobian = torch.exp(march_log_jacobian(natural[:, None], power))
         with torch.no_grad():
             state = other.states({k: v.detach() for k, v in values.items()}, False)
             logits, means, entries = self.layout.unpack(state)
@@ -417,4 +480,4 @@ class TransitionDensity:
             z = (grid[None, :, None] - means[:, None, :, axis]) / sd[:, None, :]
             comp = torch.exp(-0.5 * z * z) / (sd[:, None, :] * math.sqrt(2 * math.pi))
             p = (torch.softmax(logits, -1)[:, None, :] * comp).sum(-1)
-        return (p.mean(0) / natural if log_axis else p.mean(0)).cpu().numpy()
+        return (p.mean(0) * jacobian).cpu().numpy()

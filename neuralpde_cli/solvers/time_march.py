@@ -87,6 +87,8 @@ class MarchResult:
     ansatz: MarchedMixture
     #: one dict per accepted step: t, dt, lstsq_residual, elapsed_s
     history: list[dict[str, float]] = field(default_factory=list)
+    #: each member's largest relative least-squares residual over the march (B,)
+    member_residual: Tensor | None = None
 
 
 class _Tableau(NamedTuple):
@@ -213,6 +215,7 @@ class _GalerkinField:
         self.offsets = offsets
         self.solve = self._dense if solver == "dense" else self._cg
         self.residual = 0.0
+        self.member_residual: Tensor | None = None
         self.rhs = _RightHandSide(equation, layout)
         self.params = {f"equation.{k}": v for k, v in (params or {}).items()}
 
@@ -250,6 +253,9 @@ class _GalerkinField:
         rw = (comp.unsqueeze(-1) * self.weights).reshape(b, k * n)
         eta, rel = self.solve(ev, rw, f)
         self.residual = max(self.residual, float(rel.detach().max()))
+        rel = rel.detach()
+        self.member_residual = rel if self.member_residual is None \
+            else torch.maximum(self.member_residual, rel)
         return lay.from_relative(eta, state)
 
     def _column_scale(self, sq: Tensor) -> Tensor:
@@ -394,7 +400,7 @@ class TimeMarcher:
                                                      progress_callback, step_times)
         marched = MarchedMixture(lay, torch.tensor(times, dtype=ref.dtype, device=ref.device),
                                  torch.stack(coeffs, 1), conditions)
-        return MarchResult(marched, history)
+        return MarchResult(marched, history, field_.member_residual)
 
     def _error_norm(self, layout: MixtureLayout, err: Tensor, state: Tensor) -> float:
         """RMS of the step error in relative coordinates over tolerances; worst start point."""

@@ -226,17 +226,78 @@ def _exact_ou_nd(problem: Problem) -> dict[str, Any]:
             "converged": res.converged}
 
 
-def _start(problem: Problem, baselines: dict[str, dict]) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """Starting values and inverse Hessian (in the fitter's coordinates) for the PDE fit."""
-    if problem.cfg.fit.start_from == "baseline":  # never the exact MLE: it is the yardstick
+#: a positive parameter below this many of its standard errors collapsed onto its boundary (a
+#: mean-reversion rate of 5e-11 with an SE of 0.05): the estimate carries no information
+COLLAPSED_SE = 1e-3
+
+
+def _unsound(problem: Problem, entry: dict[str, Any]) -> str | None:
+    """Why a baseline's estimate is no start for the PDE fit (None: it is one)."""
+    if not entry.get("converged", True):
+        return "did not converge"
+    for n, kind in zip(problem.names, problem.kinds):
+        value, se = entry["estimates"][n], entry["se"][n]
+        if not fitting.in_domain(value, kind):
+            return f"{n}={value:g} is outside its domain"
+        if se is None or not math.isfinite(se) or se <= 0:
+            return f"{n} has no finite standard error"
+        if kind == "positive" and value < COLLAPSED_SE * se:
+            return f"{n}={value:.3g} collapsed onto 0 ({value / se:.1g} SE)"
+    return None
+
+
+def _start_candidates(problem: Problem, baselines: dict[str, dict]
+                      ) -> list[tuple[np.ndarray, np.ndarray | None, str]]:
+    """Starting values and inverse Hessians (in the fitter's coordinates) to try, best first:
+    Kessler's estimate, then Euler's, each only where it is sound (:func:`_unsound`), then the
+    config's values. Never the exact MLE: it is the yardstick."""
+    out = []
+    if problem.cfg.fit.start_from == "baseline":
         for name in ("kessler", "euler"):
-            if name in baselines:
-                b = baselines[name]
-                theta = np.array([b["estimates"][n] for n in problem.names])
-                hinv = fitting.start_inverse_hessian(theta, b["hessian"], problem.kinds) \
-                    if "hessian" in b else None
-                return theta, hinv, name
-    return problem.config_start.copy(), None, "config"
+            if name not in baselines:
+                continue
+            b = baselines[name]
+            why = _unsound(problem, b)
+            if why is not None:
+                log.warning("the %s estimate is no start (%s): trying the next", name, why)
+                continue
+            theta = np.array([b["estimates"][n] for n in problem.names])
+            hinv = fitting.start_inverse_hessian(theta, b["hessian"], problem.kinds) \
+                if "hessian" in b else None
+            out.append((theta, hinv, name))
+    out.append((problem.config_start.copy(), None, "config"))
+    return out
+
+
+def _start(problem: Problem, baselines: dict[str, dict], density: TransitionDensity
+           ) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """The first candidate start (:func:`_start_candidates`) where the march runs, with its
+    step times frozen; a UserError saying what to try when none does."""
+    failures = []
+    components = int(problem.cfg.ansatz.components)
+    for theta, hinv, name in _start_candidates(problem, baselines):
+        try:
+            chosen = density.choose_components(problem.tensors(theta, False), components)
+            steps = density.freeze_steps(problem.tensors(theta, False))
+        except (RuntimeError, ArithmeticError) as exc:  # torch's LinAlgError is a RuntimeError
+            reason = str(exc).splitlines()[0][:120]
+            log.warning("the march breaks at the %s start %s (%s): trying the next", name,
+                        np.round(theta, 6).tolist(), reason)
+            failures.append(f"{name} {np.round(theta, 6).tolist()}")
+            continue
+        if components > 1:
+            residual = density.gaussian_residual
+            log.info("%d mixture component%s: one Gaussian's march residual %s %s "
+                     "fit.pde.gaussian_residual=%g", chosen, "" if chosen == 1 else "s",
+                     "—" if residual is None else f"{residual:.2g}",
+                     "≤" if chosen == 1 else ">", problem.cfg.fit.pde.gaussian_residual)
+        log.info("time-march: %d steps to Δt = %.4g, replayed for every θ", steps,
+                 density.t_final)
+        return theta, hinv, name
+    raise UserError("the transition density cannot be marched from any start ("
+                    + "; ".join(failures) + "): set a plausible start with fit.start_from=config "
+                    "and equation.sde.<parameter>=…, or check that the data suit "
+                    f"equation.sde.kind={problem.sde_cfg.kind}")
 
 
 # --- the PDE fit, checkpointed -------------------------------------------------------------------
@@ -294,19 +355,19 @@ def _fit_pde(problem: Problem, run: RunDir, start: np.ndarray, hinv0: np.ndarray
     state = None
     if saved is not None:
         state = fitting.FitState.from_arrays({k: v.numpy() for k, v in saved["state"].items()})
+        if "components" in saved:
+            density.use_components(int(saved["components"]))
         density.step_times = saved["step_times"].tolist()
         density.refreezes = int(saved.get("refreezes", 0))
         log.info("resuming the fit at iteration %d", state.iteration)
-    else:
-        steps = density.freeze_steps(problem.tensors(start, False))
-        log.info("time-march: %d steps to Δt = %.4g, replayed for every θ", steps, density.t_final)
     objective = problem.objective(lambda v: density.log_density(v))
     progress = _progress(problem.names)
 
     def callback(s: fitting.FitState, theta: np.ndarray) -> None:
         # the steps in use now (re-chosen when θ walked far): a resumed fit replays these
         flog.record(s, theta, {"step_times": torch.tensor(density.step_times, dtype=torch.float64),
-                               "refreezes": torch.tensor(density.refreezes)})
+                               "refreezes": torch.tensor(density.refreezes),
+                               "components": torch.tensor(density.mixture.components)})
         progress(s, theta)
 
     state = fitting.minimize(objective, start, problem.kinds, hinv0=hinv0, max_iter=cfg.max_iter,
@@ -320,8 +381,26 @@ def _fit_pde(problem: Problem, run: RunDir, start: np.ndarray, hinv0: np.ndarray
     if abs(moved) > 1e-3:
         log.info("steps re-adapted at the optimum moved log L by %.2g: refitted", moved)
     result = fitting.summarize(problem.names, objective, state, problem.kinds)
+    if not result.converged:
+        log.warning("the fit did not converge: %s", _why_not_converged(state, result))
     return result, {"steps": len(density.step_times), **check,
-                    "steps_rechosen_during_fit": rechosen}
+                    "steps_rechosen_during_fit": rechosen,
+                    "components": density.mixture.components,
+                    "gaussian_residual": density.gaussian_residual,
+                    "march_coordinates": {str(i): a for i, a in density.powers.items()}}
+
+
+def _why_not_converged(state: fitting.FitState, result: fitting.FitResult) -> str:
+    """One line: why a fit is not called converged."""
+    if state.stalled:
+        return (f"the last {fitting.STALL_ITERATIONS} iterations repeated the same θ (log L is "
+                "not smooth enough there for the line search); the estimates are where it stopped")
+    if not np.all(np.isfinite(result.se)):
+        bad = [n for n, v in zip(result.names, result.se) if not math.isfinite(v)]
+        return (f"no finite standard error for {bad}: the observed information is not positive "
+                "definite there (a parameter the data do not identify, or not a maximum)")
+    return (f"the optimizer stopped after {state.iteration} iterations before its tolerance "
+            "(raise fit.max_iter, or start elsewhere)")
 
 
 def _progress(names: list[str]) -> Callable[[fitting.FitState, np.ndarray], None]:
@@ -441,8 +520,8 @@ def _bins(problem: Problem, density: TransitionDensity, values: dict[str, Tensor
         ends = x1[inside]
         lo = (ends.min() if ends.size else edges[b]) - 2 * spread
         hi = (ends.max() if ends.size else edges[b + 1]) + 2 * spread
-        if density.equation.sde.lower_bound is not None:
-            lo = max(lo, density.equation.sde.lower_bound + 1e-9)
+        if density.natural_sde({}).lower_bound is not None:
+            lo = max(lo, density.natural_sde({}).lower_bound + 1e-9)
         xs = np.linspace(lo, hi, g)
         rows = np.flatnonzero(inside)[:: max(1, int(inside.sum()) // 64)]
         use = tr.x0[rows] if rows.size else tr.x0[:1]
@@ -505,7 +584,8 @@ def _density(problem: Problem, tset: TransitionSet | None = None) -> TransitionD
                              OmegaConf.to_object(cfg.fit.pde))
 
 
-def _bootstrap(problem: Problem, result: fitting.FitResult, steps: list[float]) -> dict[str, Any]:
+def _bootstrap(problem: Problem, result: fitting.FitResult,
+               fitted: TransitionDensity) -> dict[str, Any]:
     """The parametric-bootstrap bias correction (:mod:`neuralpde_cli.likelihood.bootstrap`): B
     data sets drawn at θ̂ along the data's design, each refitted from θ̂ with the fit's
     curvature; a refit that fails or does not converge is counted and left out."""
@@ -529,8 +609,9 @@ def _bootstrap(problem: Problem, result: fitting.FitResult, steps: list[float]) 
             x0, x1 = bootstrap.replay_design(sde, ts.x0, ts.t0, ts.dt, problem.transitions.path,
                                              generator, float(cfg.bootstrap_substep))
             density = _density(problem, TransitionSet(x0, x1, ts.t0, ts.dt))
+            density.use_components(fitted.mixture.components)
             try:
-                density.step_times = list(steps)  # the fit's, re-chosen where stale
+                density.step_times = list(fitted.step_times)  # the fit's, re-chosen where stale
                 state = fitting.minimize(problem.objective(density.log_density), theta, kinds,
                                          hinv0=hinv0, max_iter=cfg.max_iter,
                                          tol=bootstrap.REFIT_TOL)
@@ -580,17 +661,17 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
                                "config": OmegaConf.to_container(cfg, resolve=True)}
     run.write_summary(summary)
     baselines = _baselines(problem)
-    start, hinv0, start_name = _start(problem, baselines)
+    density = _density(problem)
+    start, hinv0, start_name = _start(problem, baselines, density)
     log.info("PDE fit of %s from the %s estimate %s over %d transitions", names, start_name,
              np.round(start, 6).tolist(), problem.tset.n)
-    density = _density(problem)
     t_fit = time.perf_counter()
     result, step_check = _fit_pde(problem, run, start, hinv0, density, bool(cfg.get("resume")))
     fit_time = time.perf_counter() - t_fit
     diagnostics = _diagnostics(problem, density, result, baselines)
     result.notes.update(_robust(problem, density, result))
     if cfg.fit.bootstrap_sets:
-        result.notes["bias_correction"] = _bootstrap(problem, result, density.step_times)
+        result.notes["bias_correction"] = _bootstrap(problem, result, density)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **diagnostics)
     atomic_write(run.path / "diagnostics.npz", lambda h: h.write(buffer.getvalue()))

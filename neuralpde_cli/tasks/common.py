@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import hydra
+import numpy as np
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -367,8 +368,10 @@ class _Job:
                 print(f"neuralpde: {message} before the first checkpoint; run the same command "
                       "again", file=sys.stderr)
             sys.exit(128 + signum)
-        except (UserError, Diverged, OSError, OmegaConfBaseException) as exc:
+        except (UserError, Diverged, OSError, OmegaConfBaseException, NumericalBreakdown) as exc:
             status = "diverged" if isinstance(exc, Diverged) else "failed"
+            if isinstance(exc, NumericalBreakdown):  # the traceback stays in the log file only
+                log.debug("numerical breakdown", exc_info=exc)
             message = describe_error(exc)
             mark(run, status, message)
             print(f"neuralpde: error: {message}", file=sys.stderr)
@@ -449,7 +452,23 @@ def _sigterm_raises() -> Any:
         return None
 
 
+def _numerical_breakdowns() -> tuple[type[BaseException], ...]:
+    """Failures of a numerical method rather than of the input: a factorization of a matrix
+    that stopped being positive definite or invertible (torch's LinAlgError; scipy's sparse LU
+    raises a plain RuntimeError, so its message is matched in :func:`describe_error`)."""
+    import torch
+    return (torch.linalg.LinAlgError, np.linalg.LinAlgError, FloatingPointError)
+
+
+NumericalBreakdown = _numerical_breakdowns()
+
+
 def describe_error(exc: BaseException) -> str:
+    if isinstance(exc, NumericalBreakdown):
+        first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
+        return (f"the numerical method broke down ({first}): the model cannot be followed at "
+                "these settings; a smaller optimizer.rtol, other starting values, or a kind "
+                "that suits the data may help (the log file has the details)")
     if isinstance(exc, OSError):
         where = f" ({exc.filename})" if exc.filename else ""
         return f"cannot read or write a file{where}: {exc.strerror or exc}"
