@@ -422,9 +422,6 @@ class StateDependentNoise(SDE):
         (the fit's start), clipped to [0, ½], so the coordinates stay fixed during a fit."""
         p = float(self.power)
         a = min(max(1.0 - p, 0.0), 0.5)
-        import os
-        if "NPDE_A" in os.environ:
-            a = float(os.environ["NPDE_A"])
         return {i: a for i in range(self.dim)}
 
     def in_march_coordinates(self, floor: float = 0.0) -> "PowerNoiseInPowerCoordinates":
