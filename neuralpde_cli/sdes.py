@@ -420,7 +420,7 @@ class StateDependentNoise(SDE):
         GBM: log x), a ∈ [0, ½]: the law there is near Gaussian with Gaussian tails, and the
         start grid and mixture never cross 0. CEV takes a = 1 − γ at the γ it is built with
         (the fit's start), clipped to [0, ½], so the coordinates stay fixed during a fit."""
-        p = float(self.power)
+        p = float(torch.as_tensor(self.power).detach())
         a = min(max(1.0 - p, 0.0), 0.5)
         return {i: a for i in range(self.dim)}
 

@@ -156,7 +156,11 @@ class TransitionDensity:
     or, for time-dependent coefficients or with ``per_start``, every distinct (x₀, t₀)."""
 
     def __init__(self, make_sde: Callable[[dict[str, Tensor]], SDE], transitions: TransitionSet,
-                 mixture: GMMConfig, march: TimeMarchConfig, cfg: PDELikelihoodConfig) -> None:
+                 mixture: GMMConfig, march: TimeMarchConfig, cfg: PDELikelihoodConfig,
+                 coordinate_values: dict[str, float] | None = None) -> None:
+        """``coordinate_values``: the parameter values at which the SDE chooses its march
+        coordinates (CEV's Lamperti power 1 − γ; default: the config's), fixed from then on so
+        that the likelihood stays one smooth function of θ."""
         if cfg.grid != 0 and cfg.grid < 4:
             raise UserError(f"fit.pde.grid={cfg.grid} must be 0 (automatic) or ≥ 4 nodes per axis")
         if not 0 < cfg.start_fraction < 0.5:
@@ -175,7 +179,10 @@ class TransitionDensity:
         # coordinates the SDE marches in powers or logarithms (CIR's 2√x, Heston's log V): the
         # data are taken there too, and each density carries the Jacobian |dy/dx| back
         self.natural_sde = make_sde
-        probe = make_sde({})
+        self.coordinate_values = dict(coordinate_values or {})
+        probe = make_sde({k: torch.tensor(float(v), dtype=transitions.x0.dtype,
+                                          device=transitions.x0.device)
+                          for k, v in self.coordinate_values.items()})
         self.powers = probe.march_coordinates() if cfg.coordinates == "auto" else {}
         if self.powers:
             dims = sorted(self.powers)
@@ -468,7 +475,7 @@ class TransitionDensity:
         probe = TransitionSet(starts, starts, torch.zeros_like(starts[:, 0]),
                               torch.full_like(starts[:, 0], dt))
         other = TransitionDensity(self.natural_sde, probe, self.mixture, self.march_cfg,
-                                  replace(self.cfg, per_start=True))
+                                  replace(self.cfg, per_start=True), self.coordinate_values)
         natural = torch.as_tensor(np.asarray(x, float), dtype=ref.dtype, device=ref.device)
         power = {0: self.powers[axis]} if axis in self.powers else {}  # p(x) = p_y(y(x))·|dy/dx|
         grid = to_march(natural[:, None], power)[:, 0]

@@ -73,6 +73,45 @@ def cir_log_density(x0: ArrayLike, x1: ArrayLike, dt: ArrayLike, rate: float, le
     return np.where(x1 < 0, -np.inf, out)
 
 
+def normal_scores(kind: str, x0: np.ndarray, x1: np.ndarray, dt: np.ndarray,
+                  params: Mapping[str, float]) -> np.ndarray:
+    """z = Φ⁻¹(F(x1 | x0)) under the exact law of 1-D ``kind`` (ou, cir): how many standard
+    deviations out each move lies, skew included (the upper tail from the survival function,
+    so that z stays finite to about 38)."""
+    x0, x1, dt = (np.asarray(a, dtype=float) for a in (x0, x1, dt))
+    if kind == "ou":
+        th, m, s = params["theta"], params["mean"], params["sigma"]
+        loc = m + (x0 - m) * np.exp(-th * dt)
+        return (x1 - loc) / (s * np.sqrt(-np.expm1(-2.0 * th * dt) / (2.0 * th)))
+    if kind != "cir":
+        raise ValueError(f"no exact law for kind {kind!r}")
+    k, m, s = params["rate"], params["level"], params["noise"]
+    c = 2.0 * k / (s ** 2 * -np.expm1(-k * dt))
+    df, nc, y = 4.0 * k * m / s ** 2, 2.0 * c * x0 * np.exp(-k * dt), 2.0 * c * x1
+    lower = scipy.stats.ncx2.cdf(y, df, np.maximum(nc, 1e-300))
+    upper = scipy.stats.ncx2.sf(y, df, np.maximum(nc, 1e-300))
+    return np.where(lower < 0.5, scipy.stats.norm.ppf(lower), -scipy.stats.norm.ppf(upper))
+
+
+#: |z| bands of :func:`error_by_band`: the bulk, the tails, the far tails and beyond
+Z_BANDS = ((0.0, 3.0), (3.0, 5.0), (5.0, 8.0), (8.0, np.inf))
+
+
+def error_by_band(error: np.ndarray, z: np.ndarray) -> list[dict]:
+    """Per-transition log-density errors summarized in bands of |z| (:data:`Z_BANDS`): count,
+    mean and largest |error|, and the sum (what the band adds to log L)."""
+    out = []
+    for lo, hi in Z_BANDS:
+        inside = (np.abs(z) >= lo) & (np.abs(z) < hi)
+        e = error[inside]
+        out.append({"band": f"{lo:g}–{hi:g}" if np.isfinite(hi) else f"> {lo:g}",
+                    "n": int(inside.sum()),
+                    "mean_abs": float(np.abs(e).mean()) if e.size else None,
+                    "max_abs": float(np.abs(e).max()) if e.size else None,
+                    "sum": float(e.sum())})
+    return out
+
+
 #: the exact law of each kind: its log-density and its parameters in calibration's names
 EXACT: dict[str, tuple[Callable[..., np.ndarray], tuple[str, ...], tuple[str, ...]]] = {
     # kind: (log-density, parameter names, the ones that must be > 0)

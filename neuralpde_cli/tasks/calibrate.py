@@ -269,13 +269,15 @@ def _start_candidates(problem: Problem, baselines: dict[str, dict]
     return out
 
 
-def _start(problem: Problem, baselines: dict[str, dict], density: TransitionDensity
-           ) -> tuple[np.ndarray, np.ndarray | None, str]:
-    """The first candidate start (:func:`_start_candidates`) where the march runs, with its
-    step times frozen; a UserError saying what to try when none does."""
+def _start(problem: Problem, baselines: dict[str, dict]
+           ) -> tuple[np.ndarray, np.ndarray | None, str, TransitionDensity]:
+    """The first candidate start (:func:`_start_candidates`) where the march runs, and the
+    transition density with its coordinates, components and step times chosen there; a
+    UserError saying what to try when none does."""
     failures = []
     components = int(problem.cfg.ansatz.components)
     for theta, hinv, name in _start_candidates(problem, baselines):
+        density = _density(problem, at=dict(zip(problem.names, theta.tolist())))
         try:
             chosen = density.choose_components(problem.tensors(theta, False), components)
             steps = density.freeze_steps(problem.tensors(theta, False))
@@ -293,7 +295,7 @@ def _start(problem: Problem, baselines: dict[str, dict], density: TransitionDens
                      "≤" if chosen == 1 else ">", problem.cfg.fit.pde.gaussian_residual)
         log.info("time-march: %d steps to Δt = %.4g, replayed for every θ", steps,
                  density.t_final)
-        return theta, hinv, name
+        return theta, hinv, name, density
     raise UserError("the transition density cannot be marched from any start ("
                     + "; ".join(failures) + "): set a plausible start with fit.start_from=config "
                     "and equation.sde.<parameter>=…, or check that the data suit "
@@ -453,6 +455,33 @@ def _robust(problem: Problem, density: TransitionDensity, result: fitting.FitRes
 
 
 
+def _density_error(problem: Problem, density: TransitionDensity,
+                   result: fitting.FitResult) -> dict[str, Any] | None:
+    """Where the exact law is known (1-D OU, CIR): the PDE's per-transition log-density against
+    the exact one at θ̂, in bands of |z| (the move's normal score under the exact law), so an
+    error in the far tails, where real data put their worst weeks, cannot hide in an average."""
+    from neuralpde_cli.references.transitions import EXACT, error_by_band, normal_scores
+
+    kind = problem.sde_cfg.kind
+    if problem.dim != 1 or kind not in EXACT or sorted(EXACT[kind][1]) != sorted(problem.names):
+        return None
+    fn, names, _ = EXACT[kind]
+    theta = dict(zip(problem.names, result.estimates))
+    tr = problem.transitions
+    exact = fn(tr.x0[:, 0], tr.x1[:, 0], tr.dt, *[theta[n] for n in names])
+    with torch.no_grad():
+        pde = density.log_density(problem.tensors(result.estimates, False), False).cpu().numpy()
+    z = normal_scores(kind, tr.x0[:, 0], tr.x1[:, 0], tr.dt, theta)
+    error = pde - exact
+    out = {"loglik_exact_at_estimate": float(exact.sum()),
+           "loglik_error_per_1000": float(1000.0 * error.sum() / tr.n),
+           "largest_abs_z": float(np.abs(z).max()), "bands": error_by_band(error, z)}
+    log.info("log-density error against the exact law at the estimate: %+.3g per 1,000 "
+             "transitions; by |z|: %s", out["loglik_error_per_1000"], "; ".join(
+                 f"{b['band']}: {b['n']} (max {b['max_abs']:.1e})" for b in out["bands"] if b["n"]))
+    return out
+
+
 def _diagnostics(problem: Problem, density: TransitionDensity, result: fitting.FitResult,
                  baselines: dict[str, dict]) -> dict[str, np.ndarray]:
     """PIT values, profile likelihoods, and the fitted transition density per x₀ bin."""
@@ -573,15 +602,17 @@ def check(cfg: DictConfig) -> None:
     _density(problem)  # the time-march and mixture settings
 
 
-def _density(problem: Problem, tset: TransitionSet | None = None) -> TransitionDensity:
-    """The PDE transition density of the data's transitions (or of ``tset``)."""
+def _density(problem: Problem, tset: TransitionSet | None = None,
+             at: dict[str, float] | None = None) -> TransitionDensity:
+    """The PDE transition density of the data's transitions (or of ``tset``), marched in the
+    coordinates the SDE chooses at the parameter values ``at`` (the start)."""
     from neuralpde_cli.ansatz.gmm import GMMConfig
     from neuralpde_cli.solvers.time_march import TimeMarchConfig
     cfg = problem.cfg
     mixture: GMMConfig = OmegaConf.to_object(cfg.ansatz)
     march: TimeMarchConfig = OmegaConf.to_object(cfg.optimizer)
     return TransitionDensity(problem.sde, problem.tset if tset is None else tset, mixture, march,
-                             OmegaConf.to_object(cfg.fit.pde))
+                             OmegaConf.to_object(cfg.fit.pde), at)
 
 
 def _bootstrap(problem: Problem, result: fitting.FitResult,
@@ -608,7 +639,8 @@ def _bootstrap(problem: Problem, result: fitting.FitResult,
         for _ in range(int(cfg.bootstrap_sets)):
             x0, x1 = bootstrap.replay_design(sde, ts.x0, ts.t0, ts.dt, problem.transitions.path,
                                              generator, float(cfg.bootstrap_substep))
-            density = _density(problem, TransitionSet(x0, x1, ts.t0, ts.dt))
+            density = _density(problem, TransitionSet(x0, x1, ts.t0, ts.dt),
+                               fitted.coordinate_values)
             density.use_components(fitted.mixture.components)
             try:
                 density.step_times = list(fitted.step_times)  # the fit's, re-chosen where stale
@@ -661,8 +693,7 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
                                "config": OmegaConf.to_container(cfg, resolve=True)}
     run.write_summary(summary)
     baselines = _baselines(problem)
-    density = _density(problem)
-    start, hinv0, start_name = _start(problem, baselines, density)
+    start, hinv0, start_name, density = _start(problem, baselines)
     log.info("PDE fit of %s from the %s estimate %s over %d transitions", names, start_name,
              np.round(start, 6).tolist(), problem.tset.n)
     t_fit = time.perf_counter()
@@ -670,6 +701,8 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     fit_time = time.perf_counter() - t_fit
     diagnostics = _diagnostics(problem, density, result, baselines)
     result.notes.update(_robust(problem, density, result))
+    if "exact" in baselines:
+        result.notes["density_error"] = _density_error(problem, density, result)
     if cfg.fit.bootstrap_sets:
         result.notes["bias_correction"] = _bootstrap(problem, result, density)
     buffer = io.BytesIO()
