@@ -212,30 +212,50 @@ class SDE(torch.nn.Module):
         """Keep a discretized path in the state space (identity unless bounded below)."""
         return x
 
-    def march_coordinates(self) -> dict[int, float]:
-        """The coordinates a transition density is marched in, each with its power a:
-        y = xᵃ/a (a = 0: y = log x). Empty: the natural coordinates. See
+    def march_coordinates(self) -> dict[int, float | Tensor]:
+        """The coordinates a transition density is marched in, each with its power a: the
+        Box–Cox transform y = (xᵃ − 1)/a (a = 0: y = log x). Empty: the natural coordinates.
+        A power that is a tensor follows the parameters (CEV's 1 − γ). See
         :meth:`in_march_coordinates`."""
         return {}
 
-    def in_march_coordinates(self, floor: float = 0.0) -> "SDE":
+    def in_march_coordinates(self, floor: Tensor | float = 0.0) -> "SDE":
         """The same process in the coordinates :meth:`march_coordinates` names (Itô's lemma).
-        ``floor``: where a power coordinate (a > 0) has a boundary at y = 0, the coefficients
-        below y = floor > 0 are held at their value there (finite, and consistent: no
+        ``floor``: where a power coordinate (a > 0) has a boundary (x = 0), the coefficients
+        are held at their value at x = floor > 0 below it (finite, and consistent: no
         derivatives), so the far tail of a Gaussian component that reaches past the boundary
         reads finite coefficients."""
         return self
 
 
-def to_march(x: Tensor, powers: dict[int, float]) -> Tensor:
-    """x with each coordinate i of ``powers`` replaced by y = xᵃ/a (a = 0: log x)."""
+def _box_cox(x: Tensor, a: float | Tensor) -> Tensor:
+    """(xᵃ − 1)/a, log x at a = 0 (continuous in a, so a power that follows θ is smooth)."""
+    if not torch.is_tensor(a):
+        return torch.log(x) if a == 0 else torch.expm1(a * torch.log(x)) / a
+    small = a.abs() < 1e-8
+    safe = torch.where(small, torch.ones_like(a), a)
+    return torch.where(small, torch.log(x), torch.expm1(safe * torch.log(x)) / safe)
+
+
+def _box_cox_inverse(y: Tensor, a: float | Tensor) -> Tensor:
+    """x = (1 + a·y)^{1/a} (eʸ at a = 0); 1 + a·y ≤ 0 (past the boundary) gives 0."""
+    if not torch.is_tensor(a):
+        return torch.exp(y) if a == 0 else torch.clamp(1.0 + a * y, min=0.0) ** (1.0 / a)
+    small = a.abs() < 1e-8
+    safe = torch.where(small, torch.ones_like(a), a)
+    root = torch.exp(torch.log(torch.clamp(1.0 + safe * y, min=1e-300)) / safe)
+    return torch.where(small, torch.exp(y), torch.where(1.0 + safe * y > 0, root, torch.zeros_like(y)))
+
+
+def to_march(x: Tensor, powers: dict[int, float | Tensor]) -> Tensor:
+    """x with each coordinate i of ``powers`` replaced by y = (xᵃ − 1)/a (a = 0: log x)."""
     out = x.clone()
     for i, a in powers.items():
-        out[..., i] = torch.log(x[..., i]) if a == 0 else x[..., i] ** a / a
+        out[..., i] = _box_cox(x[..., i], a)
     return out
 
 
-def march_log_jacobian(x: Tensor, powers: dict[int, float]) -> Tensor:
+def march_log_jacobian(x: Tensor, powers: dict[int, float | Tensor]) -> Tensor:
     """log |dy/dx| (...,) of :func:`to_march` at x: Σ (a − 1) log xᵢ. A density in y times
     this Jacobian is the density in x."""
     out = torch.zeros_like(x[..., 0])
@@ -415,16 +435,13 @@ class StateDependentNoise(SDE):
     def project(self, x: Tensor) -> Tensor:
         return torch.clamp(x, min=0.0)
 
-    def march_coordinates(self) -> dict[int, float]:
-        """Lamperti's coordinate y = x^{1−p}/(1 − p) where the noise is constant (CIR: 2√x;
-        GBM: log x), a ∈ [0, ½]: the law there is near Gaussian with Gaussian tails, and the
-        start grid and mixture never cross 0. CEV takes a = 1 − γ at the γ it is built with
-        (the fit's start), clipped to [0, ½], so the coordinates stay fixed during a fit."""
-        p = float(torch.as_tensor(self.power).detach())
-        a = min(max(1.0 - p, 0.0), 0.5)
-        return {i: a for i in range(self.dim)}
+    def march_coordinates(self) -> dict[int, float | Tensor]:
+        """Lamperti's coordinate, where the noise is constant: y = (x^{1−p} − 1)/(1 − p) (CIR:
+        2√x − 2; GBM: log x). The law there is near Gaussian with Gaussian tails, and the start
+        grid and mixture stay inside the state space. CEV's power 1 − γ follows γ (a tensor)."""
+        return {i: min(max(1.0 - float(self.power), 0.0), 0.5) for i in range(self.dim)}
 
-    def in_march_coordinates(self, floor: float = 0.0) -> "PowerNoiseInPowerCoordinates":
+    def in_march_coordinates(self, floor: Tensor | float = 0.0) -> "PowerNoiseInPowerCoordinates":
         return PowerNoiseInPowerCoordinates(self, self.march_coordinates()[0], floor)
 
     def sample_transition(self, x0: Tensor, t0: Tensor, dt: Tensor,
@@ -450,36 +467,40 @@ class StateDependentNoise(SDE):
 
 
 class PowerNoiseInPowerCoordinates(SDE):
-    r"""A :class:`StateDependentNoise` process in y = xᵃ/a per coordinate (a = 0: log x), by
-    Itô's lemma. With drift c₀ + c₁x (CIR: κθ − κx; GBM: κx) and noise s·xᵖ, each coordinate has
+    r"""A :class:`StateDependentNoise` process in y = (xᵃ − 1)/a per coordinate (a = 0: log x),
+    by Itô's lemma. With drift c₀ + c₁x (CIR: κθ − κx; GBM: κx) and noise s·xᵖ, each coordinate has
 
     μ_y = c₀x^{a−1} + c₁xᵃ + ½(a − 1)s²x^{a+2p−2},  S_y = s/√2·x^q (q = p + a − 1),
     ∂_yμ_y = (a − 1)c₀/x + a·c₁ + ½(a − 1)(a + 2p − 2)s²x^{2p−2},
     ∂_yD_y = q·s²·x^{2p+a−2},  ∂²_yD_y = q(2p + a − 2)s²x^{2p−2},
 
-    x = (a·y)^{1/a} (a = 0: eʸ). At a = 1 − p (Lamperti) the noise is constant. Points with
-    a·y ≤ 0 lie outside the state space: below y = ``floor`` (a > 0) the coefficients are held
-    at their value there, and their derivatives are 0."""
+    x = (1 + a·y)^{1/a} (a = 0: eʸ). At a = 1 − p (Lamperti) the noise is constant. Points below
+    x = ``floor`` (for a > 0: the state space ends at x = 0) read the coefficients at the floor,
+    with derivatives 0."""
 
     constant_diffusion = False
 
-    def __init__(self, base: StateDependentNoise, a: float, floor: float = 0.0) -> None:
+    def __init__(self, base: StateDependentNoise, a: float | Tensor,
+                 floor: Tensor | float = 0.0) -> None:
         super().__init__(base.dim)
-        self.base, self.a = base, float(a)
-        if self.a > 0 and not floor > 0:
+        self.base, self.a = base, a
+        self.bounded = torch.is_tensor(a) or a > 0
+        if self.bounded and not float(floor) > 0:
             raise ValueError("a power coordinate (a > 0) needs a floor > 0")
-        self.floor = float(floor)
+        self.floor = floor
         # CIR (p = ½) at a = ½, GBM (p = 1) at a = 0; CEV's γ is a parameter, so never constant
-        self.constant_diffusion = not isinstance(base.power, Tensor) and base.power + self.a == 1.0
+        self.constant_diffusion = not torch.is_tensor(base.power) and not torch.is_tensor(a) \
+            and base.power + a == 1.0
 
     def _x(self, y: Tensor) -> Tensor:
-        if self.a == 0:
-            return torch.exp(y)
-        return (self.a * torch.clamp(y, min=self.floor)) ** (1.0 / self.a)
+        x = _box_cox_inverse(y, self.a)
+        return torch.clamp(x, min=self.floor) if self.bounded else x
 
     def _inside(self, y: Tensor, value: Tensor) -> Tensor:
         """A derivative, 0 where the coefficients are held (below the floor)."""
-        return value if self.a == 0 else torch.where(y > self.floor, value, torch.zeros_like(value))
+        if not self.bounded:
+            return value
+        return torch.where(_box_cox_inverse(y, self.a) > self.floor, value, torch.zeros_like(value))
 
     def _linear(self) -> tuple[Tensor, Tensor]:
         b = self.base
@@ -524,6 +545,11 @@ class CEV(StateDependentNoise):
     @property
     def power(self) -> Tensor:
         return self.gamma
+
+    def march_coordinates(self) -> dict[int, float | Tensor]:
+        """Lamperti's power 1 − γ, following γ (so the noise stays constant whatever the fit
+        does to γ), clipped to [0, ½]: log x where γ ≥ 1, 2√x − 2 below γ = ½."""
+        return {i: torch.clamp(1.0 - self.gamma, 0.0, 0.5) for i in range(self.dim)}
 
     def sample_transition(self, x0: Tensor, t0: Tensor, dt: Tensor,
                           generator: torch.Generator | None = None,

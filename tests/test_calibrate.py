@@ -17,7 +17,7 @@ import torch
 from tests.conftest import read_summary, run_cli
 
 OU = dict(theta=1.0, mean=0.5, sigma=0.7)
-FAST = ["ansatz.components=1", "fit.profile_points=3", "fit.density_bins=2"]
+FAST = ["fit.profile_points=3", "fit.density_bins=2"]
 
 
 def write_ou_csv(path: Path, n: int = 600, dt: float = 0.5, paths: int = 2, seed: int = 0,
@@ -57,6 +57,8 @@ def test_fit_matches_the_exact_mle_in_standard_errors(fitted: Path):
     # Euler at Δt = 0.5 estimates (1 − e^{−θΔ})/Δ, about 21% below θ: visibly off
     assert fit["baselines"]["euler"]["estimates"]["theta"] < 0.9 * exact["estimates"]["theta"]
     assert fit["n_transitions"] == 600 and fit["n_paths"] == 2
+    # the default K = 3 is asked for; OU's law is Gaussian, and the first march says so
+    assert fit["config"]["ansatz"]["components"] == 3 and fit["time_march"]["components"] == 1
     assert abs(fit["loglik"] - exact["loglik"]) < 0.05
 
 

@@ -103,7 +103,7 @@ def test_two_dimensional_ou_lands_on_the_exact_mle(tmp_path: Path):
     write_ou2(tmp_path / "ou2.csv", 400, 0.5, seed=4)
     result = run_cli(["calibrate", "data=ou2.csv", "equation.dim=2", "equation.sde.kind=ou",
                       "equation.sde.theta=[[1.0,0.0],[0.0,1.0]]", "equation.sde.mean=[0.0,0.0]",
-                      "equation.sde.sigma=[[1.0,0.0],[0.0,1.0]]", "ansatz.components=1",
+                      "equation.sde.sigma=[[1.0,0.0],[0.0,1.0]]",
                       "fit.profile_points=0", "fit.density_bins=1", "hydra.run.dir=run"], tmp_path)
     assert result.returncode == 0, result.stderr
     fit = json.loads((tmp_path / "run" / "fit.json").read_text())
@@ -130,6 +130,17 @@ def test_heston_bad_input_is_one_line(tmp_path: Path, args, needle):
     lines = [l for l in result.stderr.splitlines() if l.strip()]
     assert len(lines) == 1 and needle in lines[0], result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_solve_heston_from_zero_variance_is_one_line(tmp_path: Path):
+    """`solve` with Heston's default start V = 0 (outside the state space, where the reference's
+    matrix was singular and scipy's LU raised a traceback): one line naming the coordinate."""
+    result = run_cli(["solve", "equation=fokker_planck", "equation.sde.kind=heston",
+                      "hydra.run.dir=run"], tmp_path)
+    assert result.returncode == 2, result.stderr
+    lines = [l for l in result.stderr.splitlines() if l.strip()]
+    assert len(lines) == 1 and "coordinate 1 must lie above 0" in lines[0], result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
 
 
 def _heston_weekly(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

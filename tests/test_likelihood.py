@@ -295,3 +295,59 @@ def test_information_that_cannot_be_computed_gives_no_standard_error_not_a_crash
     assert np.isnan(result.se).all()
     cov, se = fitting.sandwich(np.array([[0.0]]), np.ones((5, 1)))
     assert np.isnan(se).all()
+
+
+@pytest.mark.parametrize("kind,extra,power", [("cir", {}, 0.5), ("cev", {"gamma": 0.8}, 0.2),
+                                              ("gbm", {}, 0.0)])
+def test_power_coordinates_are_ito_of_the_natural_ones(kind, extra, power):
+    """The march coordinate y = (xᵃ − 1)/a (a = 0: log x): Lamperti's where the noise is a
+    power of x (CIR: 2√x − 2, constant noise; CEV: a = 1 − γ, following γ). Its drift and D are
+    Itô's lemma applied to the natural ones, its closed-form divergences match autograd, and
+    below the floor the coefficients are held."""
+    sde = build_sde_with(SDEConfig(kind=kind, rate=0.7, level=2.0, noise=0.5, **extra), 1, {},
+                         F64, CPU)
+    assert {i: float(a) for i, a in sde.march_coordinates().items()} == {0: pytest.approx(power)}
+    marched = sde.in_march_coordinates(floor=0.05)
+    assert marched.constant_diffusion == (kind != "cev")
+    x = torch.tensor([[0.3], [1.0], [4.0]], dtype=F64)
+    a = power
+    y = torch.log(x) if a == 0 else (x ** a - 1) / a
+    s = sde.diffusion_sqrt(None, x)
+    d = (s @ s.transpose(-1, -2))[:, 0, 0]
+    slope, curve = x[:, 0] ** (a - 1), (a - 1) * x[:, 0] ** (a - 2)  # y'(x), y''(x)
+    torch.testing.assert_close(marched.drift(None, y)[:, 0], slope * sde.drift(None, x)[:, 0] + curve * d)
+    sy = marched.diffusion_sqrt(None, y)
+    sy = sy.expand(3, 1, 1) if sy.dim() == 2 else sy
+    torch.testing.assert_close((sy @ sy.transpose(-1, -2))[:, 0, 0], slope ** 2 * d)
+    yr = y.clone().requires_grad_(True)
+    grad = lambda f: torch.autograd.grad(f.sum(), yr, create_graph=True)[0][:, 0]  # noqa: E731
+    torch.testing.assert_close(marched.drift_divergence(None, y),
+                               grad(marched.drift(None, yr)[:, 0]).detach())
+    if not marched.constant_diffusion:
+        sr = marched.diffusion_sqrt(None, yr)
+        first = grad((sr @ sr.transpose(-1, -2))[:, 0, 0])
+        div, divdiv = marched.diffusion_divergences(None, y)
+        torch.testing.assert_close(div[:, 0], first.detach())
+        torch.testing.assert_close(divdiv, grad(first).detach())
+    if a > 0:  # held below the floor (x = 0.05): the values there, no slope; past the
+        # boundary (1 + a·y ≤ 0) too
+        below = torch.tensor([[(0.01 ** a - 1) / a], [-1.5 / a]], dtype=F64)
+        at = torch.full_like(below, (0.05 ** a - 1) / a)
+        torch.testing.assert_close(marched.drift(None, below), marched.drift(None, at))
+        assert bool((marched.drift_divergence(None, below) == 0).all())
+
+
+def test_a_fit_that_stops_gaining_is_stalled_not_converged():
+    """A log-likelihood that moves by less than the tolerance per iteration while its gradient
+    promises more (a march that is not smooth at that scale): the fit stops after
+    STALL_ITERATIONS, and is not called converged."""
+    calls = [0]
+
+    def ratchet(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        calls[0] += 1
+        return 1.0 - 2e-11 * calls[0], np.array([1.0])
+
+    state = fitting.minimize(ratchet, np.array([3.0]), ["real"], max_iter=100)
+    assert state.stalled and not state.converged and state.iteration == fitting.STALL_ITERATIONS
+    result = fitting.summarize(["a"], ratchet, state, ["real"])
+    assert not result.converged and result.notes == {"stalled": True}

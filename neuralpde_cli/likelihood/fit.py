@@ -82,7 +82,7 @@ class FitState:
     evaluations: int = 0
     converged: bool = False
     step: float = 0.0
-    #: the last :data:`STALL_ITERATIONS` iterations left θ and log L where they were: the
+    #: the last :data:`STALL_ITERATIONS` iterations each gained less than the tolerance: the
     #: log-likelihood is not smooth enough there for the line search to make progress
     stalled: bool = False
 
@@ -166,8 +166,9 @@ def _safe(objective: Objective, trial: bool = True) -> Objective:
 
 #: the largest move of one unconstrained coordinate in one line search
 MAX_STEP_U = 2.0
-#: iterations in a row that move neither θ (by 1e-9 relative) nor log L (by 1e-10 relative)
-#: end a fit as stalled: a 1-D CIR fit once repeated one iterate for 12 iterations at 3–10 s
+#: iterations in a row that each gain less than ``tol`` in log L while the Newton decrement
+#: still promises more end a fit as stalled: a 1-D CIR fit once crept through 12 iterations
+#: (3–10 s each) that moved θ by 5e-6 and log L by < 1e-6 in all
 STALL_ITERATIONS = 3
 
 
@@ -223,9 +224,7 @@ def minimize(objective: Objective, start: np.ndarray, kinds: list[str], *,
                 state.hinv = eye * sy / float(y @ y)
             state.hinv = (eye - rho * np.outer(s, y)) @ state.hinv @ (eye - rho * np.outer(y, s)) \
                 + rho * np.outer(s, s)
-        still = bool(np.all(np.abs(u_new - state.u) <= 1e-9 * (1.0 + np.abs(state.u)))) \
-            and abs(f_new - state.f) <= 1e-10 * max(1.0, abs(state.f))
-        idle = idle + 1 if still else 0
+        idle = idle + 1 if state.f - f_new < tol else 0
         state.u, state.f, state.g = u_new, f_new, g_new
         state.iteration += 1
         state.step = step

@@ -91,15 +91,18 @@ def spline_matrix(m: int, h: float, dtype: torch.dtype, device: torch.device) ->
 
 def spline_weights(nodes: Tensor, x: Tensor) -> Tensor:
     """W (n, m) with W @ y = the natural cubic spline through (nodes, y) at x (n,): the spline
-    is linear in its values, so a tensor-product spline is one weight row per axis."""
-    m, h = nodes.shape[0], float(nodes[1] - nodes[0])
-    second = spline_matrix(m, h, x.dtype, x.device)
-    i = torch.clamp(torch.floor((x.detach() - nodes[0]) / h).long(), 0, m - 2)
-    b = ((x - nodes[i]) / h).unsqueeze(-1)
+    is linear in its values, so a tensor-product spline is one weight row per axis. The weights
+    depend only on x in units of the node spacing, so they are differentiable in the nodes too
+    (a grid that follows θ)."""
+    m = nodes.shape[0]
+    u = (x - nodes[0]) / (nodes[1] - nodes[0])
+    second = spline_matrix(m, 1.0, x.dtype, x.device)
+    i = torch.clamp(torch.floor(u.detach()).long(), 0, m - 2)
+    b = (u - i).unsqueeze(-1)
     a = 1.0 - b
     eye = torch.eye(m, dtype=x.dtype, device=x.device)
     return a * eye[i] + b * eye[i + 1] + ((a ** 3 - a) * second[i]
-                                          + (b ** 3 - b) * second[i + 1]) * (h * h / 6.0)
+                                          + (b ** 3 - b) * second[i + 1]) / 6.0
 
 
 @dataclass
@@ -176,31 +179,28 @@ class TransitionDensity:
                             f"one of {list(TIME_DEPENDENT)}")
         if not bool((transitions.dt > 0).all()):
             raise UserError("every transition needs Δt > 0 (times must increase within a path)")
-        # coordinates the SDE marches in powers or logarithms (CIR's 2√x, Heston's log V): the
-        # data are taken there too, and each density carries the Jacobian |dy/dx| back
-        self.natural_sde = make_sde
+        # coordinates the SDE marches in (CIR's 2√x − 2, CEV's Box–Cox power 1 − γ, Heston's
+        # log V): the data and the start grid are taken there, and each density carries the
+        # Jacobian |dy/dx| back. A power that follows θ (CEV) places them again per evaluation.
+        self.natural_sde, self.natural_data, self.cfg = make_sde, transitions, cfg
         self.coordinate_values = dict(coordinate_values or {})
         probe = make_sde({k: torch.tensor(float(v), dtype=transitions.x0.dtype,
                                           device=transitions.x0.device)
                           for k, v in self.coordinate_values.items()})
         self.powers = probe.march_coordinates() if cfg.coordinates == "auto" else {}
+        self.dynamic = any(torch.is_tensor(a) for a in self.powers.values())
+        self.floor = None
         if self.powers:
             dims = sorted(self.powers)
             if not all(bool((a[:, dims] > 0).all()) for a in (transitions.x0, transitions.x1)):
                 raise UserError("the transition density is marched in powers or logarithms of "
                                 f"coordinates {dims}: their values must be > 0")
-            self.jacobian = march_log_jacobian(transitions.x1, self.powers)
-            transitions = replace(transitions, x0=to_march(transitions.x0, self.powers),
-                                  x1=to_march(transitions.x1, self.powers))
-            # a power coordinate's coefficients are held below half the smallest
-            # observed y (its state space ends at 0): data never come near, and the far tail of
-            # a component that crosses 0 reads finite values
-            floor = 0.5 * float(torch.cat([transitions.x0[:, dims], transitions.x1[:, dims]]).min())
-            make_sde = lambda v, natural=make_sde: natural(v).in_march_coordinates(floor)  # noqa: E731
-            probe = probe.in_march_coordinates(floor)
-        else:
-            self.jacobian = torch.zeros_like(transitions.dt)
-        self.make_sde, self.data, self.cfg = make_sde, transitions, cfg
+            # where the state space ends at 0, the coefficients are held below a quarter of the
+            # smallest observation (in CIR's 2√x: half of its y): data never come near, and the
+            # far tail of a component that crosses 0 reads finite values
+            self.floor = 0.25 * float(torch.cat([transitions.x0[:, dims],
+                                                 transitions.x1[:, dims]]).min())
+            probe = probe.in_march_coordinates(self.floor)
         self.mixture = mixture
         if march.base_points == 0 and transitions.dim in BASE_POINTS:
             march = replace(march, base_points=BASE_POINTS[transitions.dim])
@@ -216,40 +216,18 @@ class TransitionDensity:
         invariant = tuple(getattr(probe, "invariant_dims", ()))
         self.free = [i for i in range(tr.dim) if i not in invariant]
         self.invariant = list(invariant)
-        nodes_per_axis = cfg.grid or AUTO_GRID.get(len(self.free), 0)
+        self.nodes_per_axis = cfg.grid or AUTO_GRID.get(len(self.free), 0)
         self.use_grid = not (cfg.per_start or self.time_dependent) and (
-            nodes_per_axis > 0 or not self.free)
-        self.reference = tr.x0.median(0).values  # invariant coordinates are marched here
+            self.nodes_per_axis > 0 or not self.free)
         self.offsets = None
-        if self.use_grid:
-            self.nodes = []
-            for i in self.free:
-                lo, hi = float(tr.x0[:, i].min()), float(tr.x0[:, i].max())
-                span = max(hi - lo, 1e-3 * max(1.0, abs(hi)))
-                h = span / (nodes_per_axis - 3)
-                # a coordinate marched in a power (a > 0) lives above 0: its grid stays there
-                lower = max(lo - h, 0.5 * lo) if self.powers.get(i, 0.0) > 0 else lo - h
-                self.nodes.append(torch.linspace(lower, hi + h, nodes_per_axis, dtype=tr.x0.dtype,
-                                                 device=tr.x0.device))
-            mesh = torch.meshgrid(*self.nodes, indexing="ij") if self.nodes else []
-            count = int(np.prod([len(n) for n in self.nodes])) if self.nodes else 1
-            self.starts = self.reference.expand(count, tr.dim).clone()
-            for axis, i in enumerate(self.free):
-                self.starts[:, i] = mesh[axis].reshape(-1)
-            # each transition's tensor-product spline weights over the members (n, members), and
-            # its offset from the marched value along the translation-invariant coordinates
-            self.weights = torch.ones(tr.n, 1, dtype=tr.x0.dtype, device=tr.x0.device)
-            for nodes, i in zip(self.nodes, self.free):
-                axis = spline_weights(nodes, tr.x0[:, i])
-                self.weights = (self.weights.unsqueeze(-1) * axis.unsqueeze(1)).reshape(tr.n, -1)
-            self.shift = torch.zeros_like(tr.x0)
-            self.shift[:, self.invariant] = tr.x0[:, self.invariant] - self.reference[self.invariant]
-        else:
+        if not self.use_grid:  # every distinct start (and start time): a monotone change of
+            # coordinates keeps them distinct, so they are found once, in the data's coordinates
             keys = torch.cat([tr.x0, tr.t0.unsqueeze(-1)], 1) if self.time_dependent else tr.x0
             unique, self.start_of = torch.unique(keys, dim=0, return_inverse=True)
-            self.starts = unique[:, :tr.dim].contiguous()
+            self.natural_starts = unique[:, :tr.dim].contiguous()
             if self.time_dependent:
                 self.offsets = unique[:, tr.dim].contiguous()
+        self._place(self.powers)
         #: how often the replayed steps were found stale and chosen again (fit.json reports it)
         self.refreezes = 0
         eye = np.eye(tr.dim).tolist()  # a placeholder SDE; each evaluation swaps in its own
@@ -303,6 +281,58 @@ class TransitionDensity:
         if residual > self.cfg.gaussian_residual:
             self.use_components(components)
         return self.mixture.components
+
+    def _place(self, powers: dict[int, float | Tensor]) -> None:
+        """The data, the Jacobian, the start points and (on a grid) each transition's spline
+        weights in the march coordinates ``powers``: once, or per evaluation where the powers
+        follow θ (differentiable through them)."""
+        tr = self.natural_data
+        if powers:
+            self.jacobian = march_log_jacobian(tr.x1, powers)
+            tr = replace(tr, x0=to_march(tr.x0, powers), x1=to_march(tr.x1, powers))
+        else:
+            self.jacobian = torch.zeros_like(tr.dt)
+        self.data = tr
+        self.reference = tr.x0.median(0).values  # invariant coordinates are marched here
+        if not self.use_grid:
+            self.starts = to_march(self.natural_starts, powers) if powers else self.natural_starts
+            return
+        nodes = []
+        for i in self.free:
+            lo, hi = tr.x0[:, i].min(), tr.x0[:, i].max()
+            span = torch.clamp(hi - lo, min=1e-3 * max(1.0, float(hi.abs())))
+            h = span / (self.nodes_per_axis - 3)
+            lower = lo - h
+            if self.floor is not None and i in powers:  # the grid stays inside the state space
+                lower = torch.maximum(lower, to_march(tr.x0.new_full((1, tr.dim), self.floor),
+                                                      powers)[0, i])
+            nodes.append(lower + (hi + h - lower) * torch.linspace(
+                0.0, 1.0, self.nodes_per_axis, dtype=tr.x0.dtype, device=tr.x0.device))
+        mesh = torch.meshgrid(*nodes, indexing="ij") if nodes else []
+        count = int(np.prod([len(n) for n in nodes])) if nodes else 1
+        starts = [self.reference[i].expand(count) for i in range(tr.dim)]
+        for axis, i in enumerate(self.free):
+            starts[i] = mesh[axis].reshape(-1)
+        self.starts = torch.stack(starts, -1)
+        self.nodes = nodes
+        # each transition's tensor-product spline weights over the members (n, members), and
+        # its offset from the marched value along the translation-invariant coordinates
+        self.weights = torch.ones(tr.n, 1, dtype=tr.x0.dtype, device=tr.x0.device)
+        for axis_nodes, i in zip(nodes, self.free):
+            axis = spline_weights(axis_nodes, tr.x0[:, i])
+            self.weights = (self.weights.unsqueeze(-1) * axis.unsqueeze(1)).reshape(tr.n, -1)
+        self.shift = torch.zeros_like(tr.x0)
+        self.shift[:, self.invariant] = tr.x0[:, self.invariant] - self.reference[self.invariant]
+
+    def make_sde(self, values: dict[str, Tensor]) -> SDE:
+        """The SDE at ``values`` in the march coordinates; where those follow θ, the data and
+        the start grid are placed there first."""
+        sde = self.natural_sde(values)
+        if not self.powers:
+            return sde
+        if self.dynamic:
+            self._place(sde.march_coordinates())
+        return sde.in_march_coordinates(self.floor)
 
     @property
     def members(self) -> int:
@@ -477,7 +507,8 @@ class TransitionDensity:
         other = TransitionDensity(self.natural_sde, probe, self.mixture, self.march_cfg,
                                   replace(self.cfg, per_start=True), self.coordinate_values)
         natural = torch.as_tensor(np.asarray(x, float), dtype=ref.dtype, device=ref.device)
-        power = {0: self.powers[axis]} if axis in self.powers else {}  # p(x) = p_y(y(x))·|dy/dx|
+        powers = self.natural_sde(values).march_coordinates() if self.dynamic else self.powers
+        power = {0: powers[axis]} if axis in self.powers else {}  # p(x) = p_y(y(x))·|dy/dx|
         grid = to_march(natural[:, None], power)[:, 0]
         jacobian = torch.exp(march_log_jacobian(natural[:, None], power))
         with torch.no_grad():

@@ -389,14 +389,18 @@ def _fit_pde(problem: Problem, run: RunDir, start: np.ndarray, hinv0: np.ndarray
                     "steps_rechosen_during_fit": rechosen,
                     "components": density.mixture.components,
                     "gaussian_residual": density.gaussian_residual,
-                    "march_coordinates": {str(i): a for i, a in density.powers.items()}}
+                    # the Box–Cox power of each coordinate at the start (0: log; CEV's 1 − γ
+                    # follows γ during the fit)
+                    "march_coordinates": {str(i): float(a) for i, a in density.powers.items()},
+                    "march_coordinates_follow_theta": density.dynamic}
 
 
 def _why_not_converged(state: fitting.FitState, result: fitting.FitResult) -> str:
     """One line: why a fit is not called converged."""
     if state.stalled:
-        return (f"the last {fitting.STALL_ITERATIONS} iterations repeated the same θ (log L is "
-                "not smooth enough there for the line search); the estimates are where it stopped")
+        return (f"the last {fitting.STALL_ITERATIONS} iterations each gained less than fit.tol "
+                "in log L while its curvature promised more (log L is not smooth enough there for "
+                "the line search); the estimates are where it stopped")
     if not np.all(np.isfinite(result.se)):
         bad = [n for n, v in zip(result.names, result.se) if not math.isfinite(v)]
         return (f"no finite standard error for {bad}: the observed information is not positive "

@@ -368,7 +368,7 @@ class _Job:
                 print(f"neuralpde: {message} before the first checkpoint; run the same command "
                       "again", file=sys.stderr)
             sys.exit(128 + signum)
-        except (UserError, Diverged, OSError, OmegaConfBaseException, NumericalBreakdown) as exc:
+        except (UserError, Diverged, OSError, OmegaConfBaseException, *NumericalBreakdown) as exc:
             status = "diverged" if isinstance(exc, Diverged) else "failed"
             if isinstance(exc, NumericalBreakdown):  # the traceback stays in the log file only
                 log.debug("numerical breakdown", exc_info=exc)
