@@ -21,6 +21,10 @@ from neuralpde_cli.training.trainer import TrainerConfig
 class DeviceConfig:
     #: auto: CUDA when available, else CPU
     name: str = "auto"
+    #: CPU intra-op threads (torch.set_num_threads); 0: the subcommand's default, 1 for
+    #: calibrate, simulate and fit (small tensors: a second thread buys nothing idle and costs
+    #: many times over on a busy machine, README § Performance), torch's own for solve and tune
+    threads: int = 0
 
 
 @dataclass

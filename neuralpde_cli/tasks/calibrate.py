@@ -486,6 +486,72 @@ def _density_error(problem: Problem, density: TransitionDensity,
     return out
 
 
+#: a test's p-value below this rejects the model; a sandwich SE this many times the observed
+#: one says the model's noise is misspecified for that parameter
+REJECT_AT, SANDWICH_RATIO = 0.01, 1.5
+
+
+def ljung_box(z: np.ndarray, lags: int) -> float:
+    """Ljung–Box p-value of the first ``lags`` autocorrelations of z (χ² with ``lags`` df)."""
+    from scipy.stats import chi2
+
+    n = z.size
+    z = z - z.mean()
+    denom = float(z @ z)
+    if n <= lags + 1 or denom <= 0:
+        return math.nan
+    rho = np.array([float(z[k:] @ z[:-k]) / denom for k in range(1, lags + 1)])
+    q = n * (n + 2) * float(np.sum(rho ** 2 / (n - np.arange(1, lags + 1))))
+    return float(chi2.sf(q, lags))
+
+
+def _verdict(result: fitting.FitResult, pit: np.ndarray) -> dict[str, Any]:
+    """What the fit says, in words: whether it converged, whether the probability integral
+    transform rejects the model (Kolmogorov–Smirnov: uniform; Ljung–Box on its normal scores
+    and their squares: independent), and which parameters' sandwich SEs exceed the observed
+    ones (the model's noise is misspecified there)."""
+    from scipy.stats import kstest, norm
+
+    u = np.clip(np.asarray(pit, float), 1e-12, 1 - 1e-12)
+    z = norm.ppf(u)
+    lags = max(1, min(10, u.size // 5))
+    tests = {"pit_uniform_ks_p": float(kstest(u, "uniform").pvalue),
+             "pit_independent_ljung_box_p": ljung_box(z, lags),
+             "pit_squares_independent_ljung_box_p": ljung_box(z * z - 1.0, lags)}
+    rejected = [k for k, p in tests.items() if math.isfinite(p) and p < REJECT_AT]
+    lines = []
+    if result.converged:
+        lines.append("The fit converged: a maximum with finite standard errors.")
+    else:
+        lines.append("The fit did NOT converge (see the warning above); read its estimates "
+                     "with care.")
+    words = {"pit_uniform_ks_p": "the transitions' PIT is not uniform (KS",
+             "pit_independent_ljung_box_p": "the PIT's normal scores are autocorrelated "
+                                            f"(Ljung–Box, {lags} lags",
+             "pit_squares_independent_ljung_box_p": "their squares are autocorrelated (volatility "
+                                                    f"clustering; Ljung–Box, {lags} lags"}
+    if rejected:
+        lines.append(f"The model is rejected at {REJECT_AT:.0%}: " + "; ".join(
+            f"{words[k]} p = {tests[k]:.2g})" for k in rejected) + ".")
+    else:
+        lines.append(f"The model is not rejected at {REJECT_AT:.0%} (PIT: KS p = "
+                     f"{tests['pit_uniform_ks_p']:.2g}, Ljung–Box p = "
+                     f"{tests['pit_independent_ljung_box_p']:.2g}, on squares p = "
+                     f"{tests['pit_squares_independent_ljung_box_p']:.2g}).")
+    ratios = {}
+    sandwich = result.notes.get("se_sandwich") or {}
+    for name, se in zip(result.names, result.se):
+        if sandwich.get(name) is not None and math.isfinite(se) and se > 0:
+            ratios[name] = float(sandwich[name] / se)
+    wide = [n for n, r in ratios.items() if r > SANDWICH_RATIO]
+    if wide:
+        lines.append("Sandwich SEs exceed the observed ones by more than "
+                     f"{SANDWICH_RATIO:g}× for " + ", ".join(f"{n} ({ratios[n]:.1f}×)" for n in wide)
+                     + ": the model's noise is misspecified there; quote the sandwich SEs.")
+    return {**tests, "rejected_at": REJECT_AT if rejected else None, "rejected_by": rejected,
+            "sandwich_over_observed": ratios, "lines": lines}
+
+
 def _diagnostics(problem: Problem, density: TransitionDensity, result: fitting.FitResult,
                  baselines: dict[str, dict]) -> dict[str, np.ndarray]:
     """PIT values, profile likelihoods, and the fitted transition density per x₀ bin."""
@@ -590,12 +656,13 @@ def check(cfg: DictConfig) -> None:
         raise UserError(f"fit.bootstrap_sets={cfg.fit.bootstrap_sets} must be 0 (no bias "
                         f"correction) or ≥ 2, and fit.bootstrap_substep="
                         f"{cfg.fit.bootstrap_substep} > 0")
-    if cfg.fit.max_iter < 1 or not cfg.fit.tol > 0 or cfg.fit.profile_points < 0 \
-            or cfg.fit.density_bins < 1 or not cfg.fit.profile_width > 0:
-        raise UserError(f"fit.max_iter={cfg.fit.max_iter} (≥ 1), fit.tol={cfg.fit.tol} (> 0), "
-                        f"fit.profile_points={cfg.fit.profile_points} (≥ 0), fit.profile_width="
-                        f"{cfg.fit.profile_width} (> 0), fit.density_bins={cfg.fit.density_bins} "
-                        "(≥ 1) must be in range")
+    for key, ok, allowed in (("max_iter", cfg.fit.max_iter >= 1, "≥ 1"),
+                             ("tol", cfg.fit.tol > 0, "> 0"),
+                             ("profile_points", cfg.fit.profile_points >= 0, "≥ 0 (0: none)"),
+                             ("profile_width", cfg.fit.profile_width > 0, "> 0"),
+                             ("density_bins", cfg.fit.density_bins >= 1, "≥ 1")):
+        if not ok:  # one key named, with what it allows
+            raise UserError(f"fit.{key}={cfg.fit[key]} must be {allowed}")
     if cfg.ansatz.name != "gmm" or cfg.optimizer.name != "time_march":
         raise UserError(f"calibrate computes transition densities with ansatz=gmm and "
                         f"optimizer=time_march; got ansatz={cfg.ansatz.name} "
@@ -707,6 +774,7 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     result.notes.update(_robust(problem, density, result))
     if "exact" in baselines:
         result.notes["density_error"] = _density_error(problem, density, result)
+    result.notes["verdict"] = _verdict(result, diagnostics["pit"])
     if cfg.fit.bootstrap_sets:
         result.notes["bias_correction"] = _bootstrap(problem, result, density)
     buffer = io.BytesIO()
@@ -747,6 +815,8 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     summary["plots"] = [str(p.relative_to(run.path)) for p in make_calibration_plots(run.path)]
     run.write_summary(summary)
     _report(names, result, baselines)
+    for line in result.notes["verdict"]["lines"]:
+        print(line)
     return summary
 
 
@@ -773,4 +843,4 @@ def _report(names: list[str], result: fitting.FitResult, baselines: dict[str, di
 
 
 main = make_main("calibrate", calibrate, check, headline=("loglik", "max_distance_exact_se"),
-                 schema=CalibrateConfig, register=register)
+                 schema=CalibrateConfig, register=register, threads=1)

@@ -78,7 +78,8 @@ def resume_arg(args: list[str]) -> str | None:
 
 #: overrides that ``resume=`` accepts: they change how a run is shown, logged, checkpointed
 #: or where it computes, never what it computes (``device=X`` stands for ``device.name=X``)
-RESUME_SAFE = ("trainer.progress", "trainer.log_every", "trainer.checkpoint_every", "device.name")
+RESUME_SAFE = ("trainer.progress", "trainer.log_every", "trainer.checkpoint_every", "device.name",
+               "device.threads")
 #: Hydra keys that would move a resumed run out of its directory
 _RESUME_FIXED = ("hydra.run.dir", "hydra.sweep.dir", "hydra.output_subdir")
 
@@ -95,6 +96,8 @@ class Task:
     pre_compose: Callable[[list[str]], list[str]] | None = None
     register: Callable[[], None] | None = None
     resume_safe: tuple[str, ...] = RESUME_SAFE
+    #: CPU intra-op threads when ``device.threads=0`` (0: torch's own default)
+    threads: int = 0
 
     # --- before Hydra -------------------------------------------------------------------
     def main(self) -> None:
@@ -340,6 +343,7 @@ class _Job:
                 if cfg.get("resume"):
                     raise UserError("resume= continues one run; it cannot be combined with -m")
                 spec.check(cfg)
+            _set_threads(int(cfg.device.get("threads", 0)) or spec.threads)
             run = RunDir(out)
             summary = spec.body(cfg, run)
             if self.applied:
@@ -389,7 +393,7 @@ def make_main(name: str, body: Body, validate: Validate | None = None,
               headline: tuple[str, ...] = (), *, schema: type | None = None,
               pre_compose: Callable[[list[str]], list[str]] | None = None,
               register: Callable[[], None] | None = None,
-              resume_safe: tuple[str, ...] = RESUME_SAFE) -> Callable[[], None]:
+              resume_safe: tuple[str, ...] = RESUME_SAFE, threads: int = 0) -> Callable[[], None]:
     """The ``main`` of a subcommand that composes ``configs/<name>.yaml`` and runs ``body``.
 
     ``validate`` adds the subcommand's start-up checks to the generic ones (all of them run
@@ -398,10 +402,20 @@ def make_main(name: str, body: Body, validate: Validate | None = None,
     merges the saved config onto it); ``pre_compose`` sees the raw command line (``--help``
     included) before Hydra composes and returns extra overrides to add; ``register`` stores
     the structured configs in Hydra's ConfigStore; ``resume_safe`` lists the keys that
-    ``resume=DIR`` lets a user change.
+    ``resume=DIR`` lets a user change; ``threads`` the CPU threads a run uses unless
+    ``device.threads`` says otherwise (0: torch's default).
     """
     return Task(name, body, validate, tuple(headline), schema, pre_compose, register,
-                tuple(resume_safe)).main
+                tuple(resume_safe), threads).main
+
+
+def _set_threads(threads: int) -> None:
+    """torch's intra-op threads for this process (0: leave torch's default)."""
+    if threads < 0:
+        raise UserError(f"device.threads={threads} must be ≥ 0 (0: the subcommand's default)")
+    if threads > 0:
+        import torch
+        torch.set_num_threads(threads)
 
 
 # --- checks every config gets ----------------------------------------------------------------

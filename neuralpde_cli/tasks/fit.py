@@ -134,4 +134,5 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     return summary
 
 
-main = make_main("fit", fit, check, headline=HEADLINE, schema=FitConfig, register=register)
+main = make_main("fit", fit, check, headline=HEADLINE, schema=FitConfig, register=register,
+                 threads=1)

@@ -173,4 +173,5 @@ def simulate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
 
 
 main = make_main("simulate", simulate, check, headline=("n_transitions", "state_mean", "state_std"),
-                 schema=SimulateConfig, pre_compose=only_sde_equations, register=register_configs)
+                 schema=SimulateConfig, pre_compose=only_sde_equations, register=register_configs,
+                 threads=1)
