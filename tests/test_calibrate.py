@@ -143,3 +143,23 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path: Path, case, args, ne
     assert len(lines) == 1 and lines[0].startswith("neuralpde: error:"), result.stderr
     assert needle in lines[0]
     assert not (tmp_path / "run").exists()
+
+
+def test_a_collapsed_or_unidentified_baseline_is_no_start():
+    """A baseline whose positive parameter sits on 0 in SE terms (Kessler's rate of 7e-16 on
+    the T-bill rate, from the config's start), has no finite SE, or did not converge, is not
+    used to start the PDE fit; a sound one is."""
+    from types import SimpleNamespace
+
+    from neuralpde_cli.tasks.calibrate import _unsound
+
+    problem = SimpleNamespace(names=["rate", "level"], kinds=["positive", "real"])
+
+    def entry(rate: float, se: float, converged: bool = True) -> dict:
+        return {"estimates": {"rate": rate, "level": 4.0}, "se": {"rate": se, "level": 1.0},
+                "converged": converged}
+
+    assert _unsound(problem, entry(0.05, 0.05)) is None
+    assert "collapsed" in _unsound(problem, entry(7e-16, 0.05))
+    assert "no finite standard error" in _unsound(problem, entry(0.05, math.nan))
+    assert _unsound(problem, entry(0.05, 0.05, converged=False)) == "did not converge"

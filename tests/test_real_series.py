@@ -2,10 +2,10 @@
 (percent, quarterly 1959–2009; statsmodels' ``macrodata``, public-domain US data), against the
 exact non-central χ² MLE of CIR on the same data.
 
-What makes it hard, and what each assertion guards: Kessler's estimate collapses (a rate of
-1e-16 with no SE), the series comes within 0.12 % of zero where a start grid in x reached
-below 0, and Feller's condition fails at the MLE, so the law from the lowest starts is far
-from Gaussian."""
+What makes it hard, and what each assertion guards: from the config's values Kessler's
+estimate collapsed (a rate of 1e-16 with no SE), the series comes within 0.12 % of zero where
+a start grid in x reached below 0, and Feller's condition fails at the MLE, so the law from
+the lowest starts is far from Gaussian."""
 
 from __future__ import annotations
 
@@ -22,10 +22,11 @@ def test_cir_on_the_tbill_rate_with_the_defaults(tmp_path: Path):
                       "hydra.run.dir=run"], tmp_path)
     assert result.returncode == 0, result.stderr
     fit = json.loads((tmp_path / "run" / "fit.json").read_text())
-    kessler = fit["baselines"]["kessler"]
-    assert kessler["estimates"]["rate"] < 1e-6  # collapsed: skipped, and said so
-    assert fit["start"]["from"] == "euler"
-    assert "kessler estimate is no start" in result.stderr + result.stdout
+    # the baselines start from the data's AR(1) moments; from the config's κ = 1, level = 1
+    # Kessler's rate collapsed to 7e-16 (no SE) and the PDE fit had no sound start
+    assert fit["start"]["baselines_from"] == "moments"
+    assert fit["baselines"]["kessler"]["estimates"]["rate"] > 1e-3
+    assert fit["start"]["from"] == "kessler"
     assert fit["converged"]
     march = fit["time_march"]
     assert march["march_coordinates"] == {"0": 0.5} and march["components"] == 1

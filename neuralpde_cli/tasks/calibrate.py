@@ -130,6 +130,16 @@ class Problem:
         fitting.check_start([f"equation.sde.{n}" for n in self.names], self.config_start, self.kinds)
         tr = self.obs.transitions()
         self.transitions = tr
+        # where the baselines start (fit.start_from=baseline): the data's own scale when a
+        # moment estimate exists and is in every parameter's domain, else the config's values
+        self.baseline_start, self.baseline_start_from = self.config_start, "config"
+        if cfg.fit.start_from == "baseline" and self.dim == 1:
+            from neuralpde_cli.likelihood.gaussian import ar1_start
+            moments = ar1_start(self.sde_cfg.kind, tr.x0, tr.x1, tr.dt)
+            if moments is not None:
+                guess = np.array([moments.get(n, v) for n, v in zip(self.names, self.config_start)])
+                if all(fitting.in_domain(v, k) for v, k in zip(guess, self.kinds)):
+                    self.baseline_start, self.baseline_start_from = guess, "moments"
         self.tset = TransitionSet.from_arrays(tr.x0, tr.x1, tr.t0, tr.dt, self.dtype, self.device)
         if self.tset.n < len(self.names) + 1:
             raise UserError(f"data={cfg.data} has {self.tset.n} transitions; fitting "
@@ -165,7 +175,7 @@ def _baselines(problem: Problem) -> dict[str, dict[str, Any]]:
                 log.info("baseline exact skipped: known for 1-D %s with all parameters fitted",
                          "/".join(sorted(EXACT)))
                 continue
-            mapped = dict(zip(exact_names, [dict(zip(problem.names, problem.config_start))[n]
+            mapped = dict(zip(exact_names, [dict(zip(problem.names, problem.baseline_start))[n]
                                             for n in exact_names]))
             res = exact_mle(kind, tr.x0[:, 0], tr.x1[:, 0], tr.dt, mapped)
             est = np.array([res["estimates"][n] for n in problem.names])
@@ -179,8 +189,8 @@ def _baselines(problem: Problem) -> dict[str, dict[str, Any]]:
             density = euler_log_density if name == "euler" else kessler_log_density
             objective = problem.objective(
                 lambda v, f=density: f(problem.sde(v), ts.x0, ts.x1, ts.t0, ts.dt))
-            state = fitting.minimize(objective, problem.config_start, problem.kinds, max_iter=500,
-                                     tol=1e-10)
+            state = fitting.minimize(objective, problem.baseline_start, problem.kinds,
+                                     max_iter=500, tol=1e-10)
             res = fitting.summarize(problem.names, objective, state, problem.kinds)
             entry = {"estimates": dict(zip(problem.names, res.estimates.tolist())),
                      "se": dict(zip(problem.names, res.se.tolist())), "loglik": res.loglik,
@@ -250,7 +260,8 @@ def _start_candidates(problem: Problem, baselines: dict[str, dict]
                       ) -> list[tuple[np.ndarray, np.ndarray | None, str]]:
     """Starting values and inverse Hessians (in the fitter's coordinates) to try, best first:
     Kessler's estimate, then Euler's, each only where it is sound (:func:`_unsound`), then the
-    config's values. Never the exact MLE: it is the yardstick."""
+    data's AR(1) moments (where the baselines started), then the config's values. Never the
+    exact MLE: it is the yardstick."""
     out = []
     if problem.cfg.fit.start_from == "baseline":
         for name in ("kessler", "euler"):
@@ -265,6 +276,8 @@ def _start_candidates(problem: Problem, baselines: dict[str, dict]
             hinv = fitting.start_inverse_hessian(theta, b["hessian"], problem.kinds) \
                 if "hessian" in b else None
             out.append((theta, hinv, name))
+    if problem.baseline_start_from == "moments":
+        out.append((problem.baseline_start.copy(), None, "moments"))
     out.append((problem.config_start.copy(), None, "config"))
     return out
 
@@ -792,7 +805,8 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
                 "n_paths": int(len(np.unique(problem.obs.path))),
                 "dt": {"min": float(dts.min()), "median": float(np.median(dts)),
                        "max": float(dts.max())},
-                "start": {"from": start_name, "values": dict(zip(names, start.tolist()))},
+                "start": {"from": start_name, "values": dict(zip(names, start.tolist())),
+                          "baselines_from": problem.baseline_start_from},
                 "time_march": step_check, "fit_time_s": fit_time,
                 "true_values": _true_values(cfg.data), "baselines": baselines,
                 "wall_time_s": time.perf_counter() - begin,

@@ -343,7 +343,8 @@ class _Job:
                 if cfg.get("resume"):
                     raise UserError("resume= continues one run; it cannot be combined with -m")
                 spec.check(cfg)
-            _set_threads(int(cfg.device.get("threads", 0)) or spec.threads)
+            _set_threads(int(OmegaConf.select(cfg, "device.threads", default=0) or 0)
+                         or spec.threads)
             run = RunDir(out)
             summary = spec.body(cfg, run)
             if self.applied:
