@@ -211,7 +211,7 @@ def _series_rows(label: str, series: tuple[np.ndarray, np.ndarray, str], s: dict
     cir, walls = _fit(data, ["equation.sde.kind=cir"], s, work, f"{slug}-cir")
     rows = [_cir_row(f"CIR: {label}", cir, walls, MAX_SERIES_S),
             *_baseline_rows(f"CIR: {label}", cir)]
-    cev, cev_walls = _fit(data, ["equation.sde.kind=cev"], s, work, f"{slug}-cev")
+    cev, cev_walls = _fit(data, ["equation.sde.kind=cev"], dict(s, repeats=1), work, f"{slug}-cev")
     lr = 2.0 * (cev["loglik"] - cir["loglik"])
     p = float(chi2.sf(max(lr, 0.0), 1))
     names = cev["names"]
