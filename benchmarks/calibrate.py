@@ -46,8 +46,8 @@ import numpy as np
 import torch
 from omegaconf import OmegaConf
 
-from benchmarks.common import (ROOT, Column, Row, Spec, attempt, median_time, row, run_neuralpde,
-                               selected_sections, tier)
+from benchmarks.common import (ROOT, Column, Row, Spec, attempt, exact_cir_path, median_time, row,
+                               run_neuralpde, selected_sections, tier)
 from neuralpde_cli.ansatz.gmm import GaussianMixtureAnsatz, GMMConfig
 from neuralpde_cli.equations.fokker_planck import FokkerPlanck, FokkerPlanckConfig
 from neuralpde_cli.likelihood import fit as fitting
@@ -475,14 +475,8 @@ def _ou_data(n: int, dt: float, seed: int = 3) -> np.ndarray:
 
 def _cir_data(n: int, dt: float, seed: int = 3) -> np.ndarray:
     """One exact CIR (3, 0.3, 0.2) path of n steps (numpy's non-central χ²)."""
-    rng = np.random.default_rng(seed)
-    k, m, s = (TRUTH["cir"][name] for name in ("rate", "level", "noise"))
-    c = s * s * -math.expm1(-k * dt) / (4 * k)
-    x = np.empty(n + 1)
-    x[0] = m
-    for i in range(n):
-        x[i + 1] = c * rng.noncentral_chisquare(4 * k * m / s ** 2, x[i] * math.exp(-k * dt) / c)
-    return x
+    return exact_cir_path(n, dt, *(TRUTH["cir"][name] for name in ("rate", "level", "noise")),
+                          seed=seed)
 
 
 def _cost(s: dict[str, Any], device_name: str) -> list[Row]:

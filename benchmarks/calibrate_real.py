@@ -35,7 +35,8 @@ from typing import Any, Callable
 
 import numpy as np
 
-from benchmarks.common import Column, Row, Spec, Unavailable, attempt, row, run_neuralpde, tier
+from benchmarks.common import (Column, Row, Spec, Unavailable, attempt, exact_cir_path, row,
+                               run_neuralpde, tier)
 
 SETTINGS = {
     "full": dict(repeats=3, timeout_s=1800, simulated=True, series=4, equity=True),
@@ -244,16 +245,6 @@ def _ou_paths(n: int, dt: float, theta: np.ndarray, mean: np.ndarray, sigma: np.
     return x
 
 
-def _cir_path(n: int, dt: float, k: float, m: float, s: float, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    c = s * s * -math.expm1(-k * dt) / (4 * k)
-    x = np.empty(n + 1)
-    x[0] = m
-    for i in range(n):
-        x[i + 1] = c * rng.noncentral_chisquare(4 * k * m / s ** 2, x[i] * math.exp(-k * dt) / c)
-    return x
-
-
 def _simulated_rows(s: dict[str, Any], work: Path) -> list[Row]:
     rows = []
     one = _ou_paths(5000, 0.5, np.eye(1), np.zeros(1), np.eye(1), seed=11)
@@ -267,7 +258,7 @@ def _simulated_rows(s: dict[str, Any], work: Path) -> list[Row]:
                              "equation.sde.mean=[0.0,0.0]", "equation.sde.sigma=[[1.0,0.0],[0.0,1.0]]"],
                       s, work, "ou2")
     rows.append(_simulated_row("OU 2-D, 3,000 × Δt 0.25 (defaults: K = 3 asked)", fit, walls, 120.0))
-    daily = _cir_path(7900, 1 / 252, 4.0, 20.0, 4.4, seed=31)
+    daily = exact_cir_path(7900, 1 / 252, 4.0, 20.0, 4.4, seed=31)
     data = _write(work / "cir_daily.csv", np.arange(7901) / 252, daily, ["level"])
     fit, walls = _fit(data, ["equation.sde.kind=cir"], s, work, "cir_daily")
     rows.append(_cir_row("CIR (4, 20, 4.4), 7,900 daily", fit, walls, 60.0))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from neuralpde_cli.run.rundir import jsonable
@@ -159,6 +160,21 @@ def curve_figures(curve: Curve, target: float, budget_s: float, final_error: flo
 def thin(curve: Curve, points: int = 200) -> Curve:
     step = max(1, math.ceil(len(curve) / points))
     return curve[::step] + ([curve[-1]] if curve and (len(curve) - 1) % step else [])
+
+
+# --- data ----------------------------------------------------------------------------------
+def exact_cir_path(n: int, dt: float, rate: float, level: float, noise: float,
+                   seed: int) -> np.ndarray:
+    """One CIR path of n exact steps from its level (numpy's non-central χ²): 2c·X(t+Δ) given
+    X(t) is χ²'(4κθ/σ², 2c·X(t)e^{−κΔ}), c = 2κ/(σ²(1 − e^{−κΔ}))."""
+    rng = np.random.default_rng(seed)
+    c = noise * noise * -math.expm1(-rate * dt) / (4 * rate)
+    x = np.empty(n + 1)
+    x[0] = level
+    for i in range(n):
+        x[i + 1] = c * rng.noncentral_chisquare(4 * rate * level / noise ** 2,
+                                                x[i] * math.exp(-rate * dt) / c)
+    return x
 
 
 # --- rows -------------------------------------------------------------------------------
