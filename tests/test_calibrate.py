@@ -45,6 +45,7 @@ def fitted(tmp_path_factory) -> Path:
                       "hydra.run.dir=run"], root)
     assert result.returncode == 0, result.stderr
     assert "bias-corrected" in result.stdout  # the console table's row
+    assert "…" not in result.stdout  # piped, the table is as wide as it needs
     return root / "run"
 
 

@@ -839,7 +839,10 @@ def _report(names: list[str], result: fitting.FitResult, baselines: dict[str, di
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="estimates (standard error)")
+    quasi = [m for m in ("euler", "kessler") if m in baselines]
+    table = Table(title="estimates (standard error)",
+                  caption="(log L): a Gaussian quasi-likelihood, not comparable"
+                  if quasi else None)
     table.add_column("method")
     for n in names:
         table.add_column(n, justify="right")
@@ -851,9 +854,13 @@ def _report(names: list[str], result: fitting.FitResult, baselines: dict[str, di
         rows["pde, bias-corrected"] = {**corrected, "loglik": None}
     rows.update(baselines)
     for method, entry in rows.items():
+        loglik = "—" if entry.get("loglik") is None else f"{entry['loglik']:.3f}"
         table.add_row(method, *[f"{entry['estimates'][n]:.5g} ({entry['se'][n]:.2g})" for n in names],
-                      "—" if entry.get("loglik") is None else f"{entry['loglik']:.3f}")
-    Console(stderr=False).print(table)
+                      f"({loglik})" if method in quasi else loglik)
+    console = Console(stderr=False)
+    if not console.is_terminal:  # piped or in a file: as wide as the table, never "0.1…"
+        console = Console(stderr=False, width=max(console.width, 48 + 22 * (len(names) + 1)))
+    console.print(table)
 
 
 main = make_main("calibrate", calibrate, check, headline=("loglik", "max_distance_exact_se"),
