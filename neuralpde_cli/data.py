@@ -2,7 +2,8 @@
 
 Two formats hold the same fields (documented in README § Data sets):
 
-* **CSV**: a header naming the columns, then one observation per line. ``time`` (required),
+* **CSV** (comma-separated, or ``;``/tab where the header has those and no comma): a header
+  naming the columns, then one observation per line. ``time`` (required),
   one column per state variable (any other names, in order), ``path`` (optional: an integer
   id, for several independent paths in one file). Columns may come in any order.
 * **.npz**: arrays ``time`` (N,), ``state`` (N, d) (or (N,) for d = 1), optionally ``path``
@@ -126,8 +127,13 @@ def _read_csv(file: Path, name: str) -> tuple[Any, ...]:
         raise UserError(f"data file {name} is not UTF-8 text (byte {exc.start}); is it a CSV?") from None
     except OSError as exc:
         raise UserError(f"data file {name} cannot be read: {exc.strerror or exc}") from None
+    # the delimiter: a comma, or a semicolon or tab where the header has those and no comma
+    # (spreadsheets in many locales write ';')
+    first = next((line for line in text.splitlines() if line.strip()), "")
+    delimiter = next((d for d in (";", "\t") if d in first and "," not in first), ",")
     try:
-        lines = [(i + 1, row) for i, row in enumerate(csv.reader(io.StringIO(text)))
+        lines = [(i + 1, row) for i, row in enumerate(csv.reader(io.StringIO(text),
+                                                                 delimiter=delimiter))
                  if any(cell.strip() for cell in row)]
     except csv.Error as exc:
         raise UserError(f"data file {name} is not valid CSV: {exc}") from None

@@ -53,6 +53,18 @@ def test_csv_bad_input_is_one_clear_error(tmp_path: Path, text: str, dim, messag
     assert "\n" not in str(info.value)
 
 
+@pytest.mark.parametrize("delimiter", [";", "\t"])
+def test_semicolon_and_tab_files_read_like_commas(tmp_path: Path, delimiter: str) -> None:
+    """A spreadsheet's ';' (or tab) file holds the same observations as its comma twin."""
+    rows = ["time,rate", "0,1.5", "0.25,1.75", "0.5,1.25"]
+    comma = read_observations(_csv(tmp_path, "\n".join(rows) + "\n", "c.csv"))
+    other = read_observations(_csv(tmp_path, "\n".join(r.replace(",", delimiter) for r in rows)
+                                   + "\n", "s.csv"))
+    np.testing.assert_array_equal(other.state, comma.state)
+    np.testing.assert_array_equal(other.time, comma.time)
+    assert other.state_names == comma.state_names == ["rate"]
+
+
 def test_unreadable_files(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="nope.csv: no such file"):
         read_observations(tmp_path / "nope.csv")
