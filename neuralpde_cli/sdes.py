@@ -492,15 +492,18 @@ class PowerNoiseInPowerCoordinates(SDE):
         self.constant_diffusion = not torch.is_tensor(base.power) and not torch.is_tensor(a) \
             and base.power + a == 1.0
 
-    def _x(self, y: Tensor) -> Tensor:
+    def _x(self, y: Tensor) -> tuple[Tensor, Tensor | None]:
+        """x at y, held at the floor below it, and where it is not held (None: nowhere held):
+        one inverse per call of the coefficients, which the march calls at every stage."""
         x = _box_cox_inverse(y, self.a)
-        return torch.clamp(x, min=self.floor) if self.bounded else x
-
-    def _inside(self, y: Tensor, value: Tensor) -> Tensor:
-        """A derivative, 0 where the coefficients are held (below the floor)."""
         if not self.bounded:
-            return value
-        return torch.where(_box_cox_inverse(y, self.a) > self.floor, value, torch.zeros_like(value))
+            return x, None
+        return torch.clamp(x, min=self.floor), x > self.floor
+
+    @staticmethod
+    def _inside(free: Tensor | None, value: Tensor) -> Tensor:
+        """A derivative, 0 where the coefficients are held (below the floor)."""
+        return value if free is None else torch.where(free, value, torch.zeros_like(value))
 
     def _linear(self) -> tuple[Tensor, Tensor]:
         b = self.base
@@ -509,27 +512,28 @@ class PowerNoiseInPowerCoordinates(SDE):
     def drift(self, t: Tensor, x: Tensor) -> Tensor:
         a, p, s2 = self.a, self.base.power, self.base.noise ** 2
         c0, c1 = self._linear()
-        z = self._x(x)
+        z, _ = self._x(x)
         return c0 * z ** (a - 1) + c1 * z ** a + 0.5 * (a - 1) * s2 * z ** (a + 2 * p - 2)
 
     def drift_divergence(self, t: Tensor, x: Tensor) -> Tensor:
         a, p, s2 = self.a, self.base.power, self.base.noise ** 2
         c0, c1 = self._linear()
-        z = self._x(x)
-        return self._inside(x, (a - 1) * c0 / z + a * c1
+        z, free = self._x(x)
+        return self._inside(free, (a - 1) * c0 / z + a * c1
                             + 0.5 * (a - 1) * (a + 2 * p - 2) * s2 * z ** (2 * p - 2)).sum(-1)
 
     def diffusion_sqrt(self, t: Tensor, x: Tensor) -> Tensor:
         b = self.base
         if self.constant_diffusion:
             return torch.diag_embed((b.noise / math.sqrt(2.0)).expand(self.dim))
-        return torch.diag_embed(b.noise / math.sqrt(2.0) * self._x(x) ** (b.power + self.a - 1.0))
+        z, _ = self._x(x)
+        return torch.diag_embed(b.noise / math.sqrt(2.0) * z ** (b.power + self.a - 1.0))
 
     def diffusion_divergences(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
         a, p, s2 = self.a, self.base.power, self.base.noise ** 2
-        q, z = p + a - 1.0, self._x(x)
-        return (self._inside(x, q * s2 * z ** (2 * p + a - 2)),
-                self._inside(x, q * (2 * p + a - 2) * s2 * z ** (2 * p - 2)).sum(-1))
+        (z, free), q = self._x(x), p + a - 1.0
+        return (self._inside(free, q * s2 * z ** (2 * p + a - 2)),
+                self._inside(free, q * (2 * p + a - 2) * s2 * z ** (2 * p - 2)).sum(-1))
 
 
 class CEV(StateDependentNoise):

@@ -11,9 +11,9 @@ per θ covers every transition of a data set:
   the number of transitions. Coordinates the coefficients do not depend on (log S in Heston)
   need no axis: the density is marched at one value and shifted. Time-dependent coefficients,
   or ``per_start``, march every distinct (x₀, t₀), each member from its own calendar time.
-* **Coordinates where the law is near Gaussian.** An SDE may declare ``march_coordinates``: a
-  power y = xᵃ/a or the logarithm of a positive coordinate (CIR's Lamperti coordinate 2√x,
-  Heston's log V). The march runs there (``in_march_coordinates``), where the law has Gaussian
+* **Coordinates where the law is near Gaussian.** An SDE may declare ``march_coordinates``: the
+  Box–Cox power y = (xᵃ − 1)/a of a positive coordinate, a = 0 its logarithm (CIR's Lamperti
+  coordinate 2√x − 2, CEV's a = 1 − γ that follows γ, Heston's log V). The march runs there (``in_march_coordinates``), where the law has Gaussian
   tails and the grid and mixture stay inside the state space, and each density is carried back
   by the Jacobian Π |dy/dx₁|.
 * **No stiff point-mass start.** A point mass has no density; a narrow Gaussian N(x₀, w²) adds
@@ -165,9 +165,9 @@ class TransitionDensity:
     def __init__(self, make_sde: Callable[[dict[str, Tensor]], SDE], transitions: TransitionSet,
                  mixture: GMMConfig, march: TimeMarchConfig, cfg: PDELikelihoodConfig,
                  coordinate_values: dict[str, float] | None = None) -> None:
-        """``coordinate_values``: the parameter values at which the SDE chooses its march
-        coordinates (CEV's Lamperti power 1 − γ; default: the config's), fixed from then on so
-        that the likelihood stays one smooth function of θ."""
+        """``coordinate_values``: the parameter values at which the SDE's march coordinates are
+        probed (default: the config's). A power that is a plain number is fixed from then on; one
+        that is a tensor (CEV's 1 − γ) follows θ and is placed again at every evaluation."""
         if cfg.grid != 0 and cfg.grid < 4:
             raise UserError(f"fit.pde.grid={cfg.grid} must be 0 (automatic) or ≥ 4 nodes per axis")
         if not 0 < cfg.start_fraction < 0.5:

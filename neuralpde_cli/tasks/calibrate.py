@@ -626,14 +626,15 @@ def _bins(problem: Problem, density: TransitionDensity, values: dict[str, Tensor
     out = {k: [] for k in ("bin_edges", "bin_dt", "density_x", "density_fit", "density_exact")}
     bin_x1, bin_index = [], []
     exact = baselines.get("exact")
+    bound = density.natural_sde({}).lower_bound  # the data's coordinates, not the march's
     for b in range(n_bins):
         inside = (x0 >= edges[b]) & ((x0 < edges[b + 1]) if b < n_bins - 1 else (x0 <= edges[b + 1]))
         inside &= np.isclose(tr.dt, dt, rtol=1e-6)
         ends = x1[inside]
         lo = (ends.min() if ends.size else edges[b]) - 2 * spread
         hi = (ends.max() if ends.size else edges[b + 1]) + 2 * spread
-        if density.natural_sde({}).lower_bound is not None:
-            lo = max(lo, density.natural_sde({}).lower_bound + 1e-9)
+        if bound is not None:
+            lo = max(lo, bound + 1e-9)
         xs = np.linspace(lo, hi, g)
         rows = np.flatnonzero(inside)[:: max(1, int(inside.sum()) // 64)]
         use = tr.x0[rows] if rows.size else tr.x0[:1]

@@ -26,6 +26,7 @@ from typing import Any, Callable, Iterator
 
 import hydra
 import numpy as np
+import torch
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.core.hydra_config import HydraConfig
@@ -373,9 +374,9 @@ class _Job:
                 print(f"neuralpde: {message} before the first checkpoint; run the same command "
                       "again", file=sys.stderr)
             sys.exit(128 + signum)
-        except (UserError, Diverged, OSError, OmegaConfBaseException, *NumericalBreakdown) as exc:
+        except (UserError, Diverged, OSError, OmegaConfBaseException, *NUMERICAL_BREAKDOWNS) as exc:
             status = "diverged" if isinstance(exc, Diverged) else "failed"
-            if isinstance(exc, NumericalBreakdown):  # the traceback stays in the log file only
+            if isinstance(exc, NUMERICAL_BREAKDOWNS):  # the traceback stays in the log file only
                 log.debug("numerical breakdown", exc_info=exc)
             message = describe_error(exc)
             mark(run, status, message)
@@ -415,7 +416,6 @@ def _set_threads(threads: int) -> None:
     if threads < 0:
         raise UserError(f"device.threads={threads} must be ≥ 0 (0: the subcommand's default)")
     if threads > 0:
-        import torch
         torch.set_num_threads(threads)
 
 
@@ -467,19 +467,13 @@ def _sigterm_raises() -> Any:
         return None
 
 
-def _numerical_breakdowns() -> tuple[type[BaseException], ...]:
-    """Failures of a numerical method rather than of the input: a factorization of a matrix
-    that stopped being positive definite or invertible (torch's LinAlgError; scipy's sparse LU
-    raises a plain RuntimeError, so its message is matched in :func:`describe_error`)."""
-    import torch
-    return (torch.linalg.LinAlgError, np.linalg.LinAlgError, FloatingPointError)
-
-
-NumericalBreakdown = _numerical_breakdowns()
+#: failures of a numerical method rather than of the input (a factorization of a matrix that
+#: stopped being positive definite or invertible): one line for the user, the traceback in the log
+NUMERICAL_BREAKDOWNS = (torch.linalg.LinAlgError, np.linalg.LinAlgError, FloatingPointError)
 
 
 def describe_error(exc: BaseException) -> str:
-    if isinstance(exc, NumericalBreakdown):
+    if isinstance(exc, NUMERICAL_BREAKDOWNS):
         first = (str(exc).splitlines() or [type(exc).__name__])[0][:160]
         return (f"the numerical method broke down ({first}): the model cannot be followed at "
                 "these settings; a smaller optimizer.rtol, other starting values, or a kind "
