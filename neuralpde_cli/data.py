@@ -23,7 +23,7 @@ import math
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -32,6 +32,39 @@ from neuralpde_cli.run.atomic import atomic_write
 
 FORMATS = (".csv", ".npz")
 NPZ_FIELDS = ("time", "state", "path", "state_names")
+#: how the time column is read: numbers in years, or dates by a day count (auto: numbers as
+#: years, dates by calendar days)
+TIME_UNITS = ("auto", "years", "calendar", "trading")
+MISSING_POLICIES = ("skip", "refuse")
+#: header names taken as the time column when there is no 'time' (case-insensitive)
+TIME_NAMES = ("time", "date", "datetime", "timestamp", "t", "day", "dates")
+#: cells read as a missing value (case-insensitive; '.' is FRED's)
+MISSING_TOKENS = frozenset({"", "na", "nan", "n/a", "#n/a", "null", "none", ".", "-"})
+CALENDAR_DAYS, TRADING_DAYS = 365.25, 252
+
+
+@dataclass
+class DataConfig:
+    """The ``data`` group: which file, and how to read its time and state columns."""
+
+    #: a CSV or .npz in the data schema (``data=PATH`` stands for ``data.path=PATH``)
+    path: Optional[str] = None
+    #: auto | years | calendar | trading: a numeric time column is in years; dates become
+    #: years by calendar days / 365.25 (auto, calendar) or business days / 252 (trading)
+    time: str = "auto"
+    #: a strftime format for dates that are not ISO 8601 (e.g. '%d/%m/%Y'); null: ISO
+    date_format: Optional[str] = None
+    #: the state columns by name, in order; empty: every column but the time and 'path'
+    columns: list[str] = field(default_factory=list)
+    #: skip: drop an observation with a missing value (NA, empty, '.'), so its neighbours'
+    #: transition spans the gap; refuse: stop at it with its file, line and column
+    missing: str = "skip"
+
+    def check(self) -> None:
+        if self.time not in TIME_UNITS:
+            raise UserError(f"data.time={self.time}: choose one of {list(TIME_UNITS)}")
+        if self.missing not in MISSING_POLICIES:
+            raise UserError(f"data.missing={self.missing}: choose one of {list(MISSING_POLICIES)}")
 
 
 def default_state_names(dim: int) -> list[str]:
@@ -68,6 +101,12 @@ class Observations:
     source: str = ""
     #: CSV line number of each row (blank lines are skipped), None for other sources
     line: np.ndarray | None = None
+    #: the observation dates when the file gave dates (datetime64), else None
+    dates: np.ndarray | None = None
+    #: how the time column was read, in words (the run's first log line says it)
+    time_note: str = ""
+    #: CSV lines skipped for a missing value (data.missing=skip)
+    skipped_lines: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.time = np.asarray(self.time, dtype=float).reshape(-1)
@@ -101,9 +140,13 @@ class Observations:
 
 
 # --- reading ----------------------------------------------------------------------------------
-def read_observations(path: str | Path, dim: int | None = None) -> Observations:
+def read_observations(path: str | Path, dim: int | None = None,
+                      options: DataConfig | None = None) -> Observations:
     """The observations in a CSV or .npz file, checked (see the module docstring); ``dim``: the
-    state dimension the SDE needs (None: whatever the file has)."""
+    state dimension the SDE needs (None: whatever the file has); ``options``: how to read the
+    time and state columns (:class:`DataConfig`)."""
+    options = options or DataConfig()
+    options.check()
     file = Path(str(path)).expanduser()
     name = str(path)
     if not file.exists():
@@ -114,13 +157,15 @@ def read_observations(path: str | Path, dim: int | None = None) -> Observations:
     if suffix not in FORMATS:
         raise UserError(f"data file {name}: unknown format {file.suffix or '(no suffix)'!r}; "
                         f"use one of {list(FORMATS)} (README § Data sets)")
-    time, state, paths, names, lines = (_read_csv if suffix == ".csv" else _read_npz)(file, name)
-    obs = Observations(time, state, paths, names, name, lines)
+    time, state, paths, names, lines, extra = (_read_csv if suffix == ".csv" else _read_npz)(
+        file, name, options)
+    obs = Observations(time, state, paths, names, name, lines, extra.get("dates"),
+                       extra.get("time_note", ""), extra.get("skipped_lines", []))
     _check(obs, dim)
     return obs
 
 
-def _read_csv(file: Path, name: str) -> tuple[Any, ...]:
+def _read_csv(file: Path, name: str, options: DataConfig) -> tuple[Any, ...]:
     try:
         text = file.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -149,11 +194,7 @@ def _read_csv(file: Path, name: str) -> tuple[Any, ...]:
     dupes = sorted({h for h in header if header.count(h) > 1})
     if dupes:
         raise UserError(f"data file {name} line {header_line}: column {dupes[0]!r} appears twice")
-    if "time" not in header:
-        near = [h for h in header if h.lower() in ("time", "t", "times", "date")]
-        hint = f" (rename {near[0]!r} to 'time')" if near else ""
-        raise UserError(f"data file {name}: no 'time' column in the header {header}{hint}; the "
-                        "schema is 'time,<state columns>[,path]'")
+    time_name = _time_column(header, name, delimiter)
     rows = lines[1:]
     if not rows:
         raise UserError(f"data file {name} has a header but no observations")
@@ -163,33 +204,131 @@ def _read_csv(file: Path, name: str) -> tuple[Any, ...]:
             what = "more" if len(row) > width else "fewer"
             raise UserError(f"data file {name} line {line}: {len(row)} fields, {what} than the "
                             f"{width} columns of the header ({','.join(header)})")
-    cells = [[c.strip() for c in row] for _, row in rows]
-    try:
-        values = np.array(cells, dtype=float)
-    except ValueError:
-        for (line, _), row in zip(rows, cells):
-            for j, cell in enumerate(row):
-                try:
-                    float(cell)
-                except ValueError:
-                    what = "an empty field" if not cell else f"{cell!r} is not a number"
-                    raise UserError(f"data file {name} line {line}, column {header[j]}: "
-                                    f"{what}") from None
-        raise  # pragma: no cover - numpy and float() agree on what a number is
-    line_of = np.array([line for line, _ in rows])
-    where = lambda i: f"data file {name} line {int(line_of[i])}"  # noqa: E731
-    states = [h for h in header if h not in ("time", "path")]
+    col = {h: j for j, h in enumerate(header)}
+    if options.columns:
+        unknown = [c for c in options.columns if c not in col or c in (time_name, "path")]
+        if unknown:
+            raise UserError(f"data.columns={list(options.columns)}: {unknown[0]!r} is not a state "
+                            f"column of {name}; its header is {header}")
+        states = list(options.columns)
+    else:
+        states = [h for h in header if h not in (time_name, "path")]
     if not states:
         raise UserError(f"data file {name}: no state column; the header {header} needs one column "
-                        "per state variable beside 'time' (and the optional 'path')")
-    col = {h: j for j, h in enumerate(header)}
-    paths = _path_ids(values[:, col["path"]], where, "column path") if "path" in col \
+                        f"per state variable beside {time_name!r} (and the optional 'path')")
+    cells = [[c.strip() for c in row] for _, row in rows]
+    used = [col[h] for h in states] + ([col["path"]] if "path" in col else [])
+    # a missing value: refused where it is, or its observation skipped (the transition then
+    # spans the gap with its own Δt)
+    missing = [i for i, row in enumerate(cells)
+               if any(row[j].lower() in MISSING_TOKENS for j in used + [col[time_name]])]
+    if missing and options.missing == "refuse":
+        i = missing[0]
+        j = next(j for j in used + [col[time_name]] if cells[i][j].lower() in MISSING_TOKENS)
+        raise UserError(f"data file {name} line {rows[i][0]}, column {header[j]}: a missing value "
+                        f"({cells[i][j] or 'an empty field'!s}); data.missing=skip drops such "
+                        "observations (each transition then spans the gap)")
+    keep = sorted(set(range(len(rows))) - set(missing))
+    if not keep:
+        raise UserError(f"data file {name}: every observation has a missing value")
+    skipped = [rows[i][0] for i in missing]
+    rows, cells = [rows[i] for i in keep], [cells[i] for i in keep]
+    line_of = np.array([line for line, _ in rows])
+    where = lambda i: f"data file {name} line {int(line_of[i])}"  # noqa: E731
+    try:
+        values = np.array([[row[j] for j in used] for row in cells], dtype=float)
+    except ValueError:
+        for i, row in enumerate(cells):
+            for j in used:
+                try:
+                    float(row[j])
+                except ValueError:
+                    hint = ""
+                    if all(_not_number(r[j]) for r in cells) and not options.columns:
+                        hint = (f"; a column of labels? choose the state columns with "
+                                f"data.columns=[{','.join(h for h in states if h != header[j])}]")
+                    raise UserError(f"{where(i)}, column {header[j]}: {row[j]!r} is not a "
+                                    f"number{hint}") from None
+        raise  # pragma: no cover - numpy and float() agree on what a number is
+    paths = _path_ids(values[:, -1], where, "column path") if "path" in col \
         else np.zeros(len(rows), dtype=np.int64)
-    _finite(values[:, [col["time"]]], ["time"], where)
-    return values[:, col["time"]], values[:, [col[h] for h in states]], paths, states, line_of
+    time, dates, note = _times([row[col[time_name]] for row in cells], time_name, options, where)
+    _finite(time.reshape(-1, 1), [time_name], where)
+    return (time, values[:, :len(states)], paths, states, line_of,
+            {"time_column": time_name, "time_note": note, "dates": dates,
+             "skipped_lines": skipped})
 
 
-def _read_npz(file: Path, name: str) -> tuple[Any, ...]:
+def _not_number(cell: str) -> bool:
+    try:
+        float(cell)
+    except ValueError:
+        return True
+    return False
+
+
+def _time_column(header: list[str], name: str, delimiter: str) -> str:
+    """The header's time column: 'time', else the first named like a time or a date."""
+    if "time" in header:
+        return "time"
+    near = [h for h in header if h.lower() in TIME_NAMES]
+    if near:
+        return near[0]
+    said = {",": "comma", ";": "semicolon", "\t": "tab"}[delimiter]
+    raise UserError(f"data file {name}: no time column in the header {header} (read as "
+                    f"{said}-separated); name one column 'time' (numbers, in years) or 'date' "
+                    "(dates such as 2020-01-31), e.g. 'date,rate'")
+
+
+def _times(cells: list[str], column: str, options: DataConfig, where: Any
+           ) -> tuple[np.ndarray, np.ndarray | None, str]:
+    """Observation times in years: numbers as given, or dates converted by the day count
+    ``data.time`` (calendar: days / 365.25; trading: business days / 252, weekends skipped);
+    also the dates (datetime64[s], None for numbers) and the sentence that says which."""
+    if all(not _not_number(c) for c in cells):
+        if options.time not in ("auto", "years"):
+            raise UserError(f"data.time={options.time} converts dates, but column {column!r} "
+                            "holds numbers, read as years: drop data.time or give dates")
+        return (np.array(cells, dtype=float), None,
+                f"time: column {column!r}, numbers in years (rates are per year)")
+    if options.time == "years":
+        bad = next(i for i, c in enumerate(cells) if _not_number(c))
+        raise UserError(f"{where(bad)}, column {column}: {cells[bad]!r} is not a number "
+                        "(data.time=years); for dates use data.time=calendar or trading")
+    dates = np.empty(len(cells), dtype="datetime64[s]")
+    for i, cell in enumerate(cells):
+        try:
+            if options.date_format:
+                from datetime import datetime
+                dates[i] = np.datetime64(datetime.strptime(cell, options.date_format), "s")
+            else:
+                dates[i] = np.datetime64(cell.replace(" ", "T", 1) if len(cell) > 10 else cell, "s")
+        except ValueError:
+            fmt = f"the format data.date_format={options.date_format!r}" if options.date_format \
+                else "a number or an ISO date (2020-01-31)"
+            raise UserError(f"{where(i)}, column {column}: {cell!r} is not {fmt}; give other "
+                            "dates' format as data.date_format, e.g. '%d/%m/%Y'") from None
+    unit = "calendar" if options.time == "auto" else options.time
+    if unit == "calendar":
+        days = (dates - np.datetime64("1970-01-01T00:00:00")) / np.timedelta64(1, "D")
+        years = 1970.0 + days / CALENDAR_DAYS
+        note = (f"time: dates in column {column!r} → years by calendar days / {CALENDAR_DAYS:g} "
+                f"(data.time=calendar{', the default' if options.time == 'auto' else ''}; "
+                f"data.time=trading counts business days / {TRADING_DAYS})")
+    else:
+        day = dates.astype("datetime64[D]")
+        weekend = np.flatnonzero(~np.is_busday(day))
+        if weekend.size:
+            raise UserError(f"{where(int(weekend[0]))}, column {column}: {day[weekend[0]]} is a "
+                            "weekend day, which data.time=trading does not count; use "
+                            "data.time=calendar")
+        years = 1970.0 + np.busday_count(np.datetime64("1970-01-01"), day) / TRADING_DAYS
+        note = (f"time: dates in column {column!r} → years by business days / {TRADING_DAYS} "
+                "(data.time=trading; weekends skipped, holidays counted)")
+    return years.astype(float), dates, note
+
+
+def _read_npz(file: Path, name: str, options: DataConfig) -> tuple[Any, ...]:
     try:
         if not zipfile.is_zipfile(file):  # np.load would try it as a pickle and say so
             raise UserError(f"data file {name} is not an .npz archive (np.savez writes one)")
@@ -233,8 +372,15 @@ def _read_npz(file: Path, name: str) -> tuple[Any, ...]:
             raise UserError(f"data file {name}: path has shape {p.shape} and dtype {p.dtype}; it "
                             f"must be {time.shape[0]} integers")
         paths = _path_ids(p.astype(float), where, "path")
+    if options.columns:
+        unknown = [c for c in options.columns if c not in names]
+        if unknown:
+            raise UserError(f"data.columns={list(options.columns)}: {unknown[0]!r} is not a state "
+                            f"of {name}; its state_names are {names}")
+        state, names = state[:, [names.index(c) for c in options.columns]], list(options.columns)
     _finite(time.astype(float).reshape(-1, 1), ["time"], where)
-    return time.astype(float), state.astype(float), paths, names, None
+    return (time.astype(float), state.astype(float), paths, names, None,
+            {"time_note": "time: array 'time', numbers in years (rates are per year)"})
 
 
 def _finite(values: np.ndarray, names: list[str], where: Any) -> None:

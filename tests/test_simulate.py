@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from neuralpde_cli.data import (Observations, check_state_space, read_observations,
+from neuralpde_cli.data import (DataConfig, Observations, check_state_space, read_observations,
                                 write_observations)
 from neuralpde_cli.errors import UserError
 
@@ -28,7 +28,9 @@ def _csv(tmp_path: Path, text: str, name: str = "d.csv") -> Path:
 
 
 @pytest.mark.parametrize("text, dim, message", [
-    ("t,x\n0,1\n1,2\n", None, r"d.csv: no 'time' column in the header \['t', 'x'\] \(rename 't' to 'time'\)"),
+    ("when,x\n0,1\n1,2\n", None, r"d.csv: no time column in the header \['when', 'x'\] \(read as "
+     r"comma-separated\); name one column 'time' \(numbers, in years\) or 'date'"),
+    ("when;x;y\n0;1;2\n", None, r"\(read as semicolon-separated\)"),
     ("time,path\n0,0\n1,0\n", None, "d.csv: no state column"),
     ("time,x,y\n0,1,2\n1,2,3\n", 1, r"has 2 state column\(s\) \['x', 'y'\] but equation.dim=1"),
     ("time,x\n0,1\n1,2\n", 2, r"has 1 state column\(s\) \['x'\] but equation.dim=2"),
@@ -36,10 +38,12 @@ def _csv(tmp_path: Path, text: str, name: str = "d.csv") -> Path:
     ("time,x,y\n0,1,2\n1,2\n", None, "d.csv line 3: 2 fields, fewer than the 3 columns"),
     ("time,x,x\n0,1,1\n", None, "d.csv line 1: column 'x' appears twice"),
     ("time,,x\n0,1,1\n", None, "d.csv line 1: column 2 has no name"),
-    ("time,x\n0,1\n0.5,nan\n1,2\n", None, "d.csv line 3, column x: nan"),
-    ("time,x\n0,1\n0.5,\n", None, "d.csv line 3, column x: an empty field"),
     ("time,x\n0,1\n0.5,abc\n", None, "d.csv line 3, column x: 'abc' is not a number"),
     ("time,x\n0,1\ninf,2\n", None, "d.csv line 3, column time: inf"),
+    ("time,x\n0,1\n1,inf\n", None, "d.csv line 3, column x: inf"),
+    ("time,x\nNA,1\n1,NA\n", None, "d.csv: every observation has a missing value"),
+    ("date,x\n2020-01-02,1\n02/01/2020,2\n", None, r"line 3, column date: '02/01/2020' is not "
+     r"a number or an ISO date \(2020-01-31\); give other dates' format as data.date_format"),
     ("time,x\n0,1\n0.5,2\n0.5,3\n", None, r"d.csv line 4, column time: 0.5 is not after 0.5 \(line 3\) of path 0"),
     ("time,x,path\n0,1,0\n2,1,1\n1,2,0\n0.5,2,0\n", None, r"line 5, column time: 0.5 is not after 1 \(line 4\) of path 0"),
     ("time,x,path\n0,1,0\n1,2,0.5\n", None, "d.csv line 3, column path: 0.5 is not an integer path id"),
@@ -137,8 +141,59 @@ def test_round_trip_several_paths_irregular_steps(tmp_path: Path) -> None:
     single = Observations(np.arange(3.0), np.ones((3, 1)), np.zeros(3))
     write_observations(single, tmp_path / "one")
     assert (tmp_path / "one.csv").read_text().splitlines()[0] == "time,x"
-    with pytest.raises(UserError, match="line 4, column x"):
-        read_observations(_csv(tmp_path, "time,x\n\n0,1\n1,nan\n"))
+    with pytest.raises(UserError, match="line 4, column x: a missing value"):
+        read_observations(_csv(tmp_path, "time,x\n\n0,1\n1,nan\n0,1\n"),
+                          options=DataConfig(missing="refuse"))
+
+
+# --- your own file: dates, day counts, columns by name, missing values ------------------------
+def test_dates_become_years_by_the_stated_day_count(tmp_path: Path) -> None:
+    """ISO dates (Friday → Monday is 3 calendar days but 1 business day), a strftime format
+    for others, and numbers that stay years."""
+    text = "Date,close\n2024-03-01,10\n2024-03-04,11\n2024-03-05,12\n"
+    calendar = read_observations(_csv(tmp_path, text))
+    np.testing.assert_allclose(np.diff(calendar.time) * 365.25, [3, 1], rtol=1e-9)
+    assert calendar.time[0] == pytest.approx(2024 + (np.datetime64("2024-03-01") - np.datetime64(
+        "2024-01-01")) / np.timedelta64(1, "D") / 365.25, abs=0.01)
+    assert "calendar days / 365.25" in calendar.time_note and "the default" in calendar.time_note
+    trading = read_observations(_csv(tmp_path, text), options=DataConfig(time="trading"))
+    np.testing.assert_allclose(np.diff(trading.time) * 252, [1, 1], rtol=1e-9)
+    european = "date;close\n01/03/2024;10\n04/03/2024;11\n"
+    obs = read_observations(_csv(tmp_path, european, "e.csv"),
+                            options=DataConfig(date_format="%d/%m/%Y"))
+    assert str(obs.dates[1])[:10] == "2024-03-04"
+    with pytest.raises(UserError, match="2024-03-02 is a weekend day"):
+        read_observations(_csv(tmp_path, "date,x\n2024-03-01,1\n2024-03-02,2\n", "w.csv"),
+                          options=DataConfig(time="trading"))
+    with pytest.raises(UserError, match="data.time=trading converts dates, but column 'time' "
+                                        "holds numbers"):
+        read_observations(_csv(tmp_path, "time,x\n0,1\n1,2\n", "n.csv"),
+                          options=DataConfig(time="trading"))
+
+
+def test_columns_by_name_and_missing_values_skipped_or_refused(tmp_path: Path) -> None:
+    text = ("date,ticker,vix,volume\n2024-03-01,VIX,13.1,5\n2024-03-04,VIX,NA,6\n"
+            "2024-03-05,VIX,14.2,.\n2024-03-06,VIX,15.0,7\n")
+    with pytest.raises(UserError, match=r"line 2, column ticker: 'VIX' is not a number; a column "
+                                        r"of labels\? choose the state columns with "
+                                        r"data.columns=\[vix,volume\]"):
+        read_observations(_csv(tmp_path, text))
+    obs = read_observations(_csv(tmp_path, text), options=DataConfig(columns=["vix"]))
+    assert obs.state_names == ["vix"] and obs.skipped_lines == [3]
+    np.testing.assert_array_equal(obs.state[:, 0], [13.1, 14.2, 15.0])
+    tr = obs.transitions()  # the transition across the gap spans it: 4 calendar days
+    np.testing.assert_allclose(tr.dt * 365.25, [4, 1], rtol=1e-9)
+    assert list(obs.line[tr.row]) == [4, 5]  # still pointing at the file's lines
+    both = read_observations(_csv(tmp_path, text), options=DataConfig(columns=["volume", "vix"]))
+    assert both.state_names == ["volume", "vix"] and both.skipped_lines == [3, 4]
+    with pytest.raises(UserError, match=r"line 3, column vix: a missing value \(NA\)"):
+        read_observations(_csv(tmp_path, text), options=DataConfig(columns=["vix"],
+                                                                   missing="refuse"))
+    with pytest.raises(UserError, match=r"data.columns=\['price'\]: 'price' is not a state "
+                                        r"column of .*d.csv; its header is"):
+        read_observations(_csv(tmp_path, text), options=DataConfig(columns=["price"]))
+    with pytest.raises(UserError, match=r"data.missing=maybe: choose one of \['skip', 'refuse'\]"):
+        read_observations(_csv(tmp_path, text), options=DataConfig(missing="maybe"))
 
 
 # --- `neuralpde simulate` end to end ------------------------------------------------------------

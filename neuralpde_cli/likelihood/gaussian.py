@@ -113,3 +113,36 @@ def ar1_start(kind: str, x0: "np.ndarray", x1: "np.ndarray", dt: "np.ndarray"
     if kind == "cev":
         out["gamma"] = 0.5
     return out if all(math.isfinite(v) and v != 0 for v in out.values()) else None
+
+
+def var1_ou_start(x0: "np.ndarray", x1: "np.ndarray", dt: "np.ndarray"
+                  ) -> dict[str, list] | None:
+    """Starting values of a d-dimensional OU from the data: the least-squares VAR(1)
+    x₁ = c + B·x₀ + ε at the median Δ is OU's exact discretization, B = exp(−θΔ), so θ =
+    −log B / Δ, the mean (I − B)⁻¹c, and σσᵀ = θΣ∞ + Σ∞θᵀ with Σ∞ the stationary covariance
+    from Σ∞ − BΣ∞Bᵀ = Cov ε (σ its lower Cholesky factor). Why: a user with two columns should
+    not have to type 2×2 matrices to fit them. None where B has no real stable logarithm."""
+    import numpy as np
+    from scipy.linalg import cholesky, logm, solve_discrete_lyapunov
+
+    x0, x1 = np.asarray(x0, float), np.asarray(x1, float)
+    h = float(np.median(dt))
+    design = np.concatenate([np.ones((x0.shape[0], 1)), x0], 1)
+    coef, *_ = np.linalg.lstsq(design, x1, rcond=None)
+    c, b = coef[0], coef[1:].T
+    if not np.all(np.abs(np.linalg.eigvals(b)) < 1.0):
+        return None
+    try:
+        theta = -logm(b) / h
+        if np.iscomplexobj(theta):
+            if np.abs(theta.imag).max() > 1e-8 * np.abs(theta).max():
+                return None
+            theta = theta.real
+        resid = x1 - design @ coef
+        stationary = solve_discrete_lyapunov(b, np.cov(resid.T, bias=True))
+        sigma = cholesky(theta @ stationary + stationary @ theta.T, lower=True)
+        mean = np.linalg.solve(np.eye(b.shape[0]) - b, c)
+    except (np.linalg.LinAlgError, ValueError):
+        return None
+    out = {"theta": theta.tolist(), "mean": mean.tolist(), "sigma": sigma.tolist()}
+    return out if all(np.all(np.isfinite(np.asarray(v))) for v in out.values()) else None

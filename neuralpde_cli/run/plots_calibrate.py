@@ -61,6 +61,8 @@ def make_calibration_plots(run_dir: Path) -> list[Path]:
         log.info("transition.png skipped: diagnostics.npz holds no transition-density bins")
     if _has(diag, "pit") and np.isfinite(diag["pit"]).any():
         out += plot_pit(diag["pit"], plots_dir / "pit.png")
+        if _has(diag, "transition_time"):
+            out += plot_pit_time(diag, plots_dir / "pit_time.png")
     else:
         log.info("pit.png skipped: diagnostics.npz holds no PIT values")
     if fit.get("estimates"):
@@ -209,10 +211,16 @@ def plot_profiles(diag: dict[str, np.ndarray], fit: dict[str, Any], path: Path) 
 
 
 def plot_transition(diag: dict[str, np.ndarray], fit: dict[str, Any], path: Path) -> list[Path]:
-    """Per x_k bin: a histogram of the observed x_{k+1} under the fitted transition density
-    (and the exact one where the law is known)."""
+    """Top row, per x_k bin: the fitted conditional density given the bin's median start (and
+    the exact one where the law is known) on a log scale, so the tails show, over a histogram
+    of the bin's moves recentred on that start. Bottom: each observed transition's
+    log-density against time, fitted and exact, the lowest ones dated: the moves the model
+    finds extreme, and where the approximation errs."""
+    import matplotlib.pyplot as plt
+
     edges = np.atleast_2d(np.asarray(diag["bin_edges"], dtype=float))
     bin_dt = np.atleast_1d(np.asarray(diag["bin_dt"], dtype=float))
+    starts = np.atleast_1d(np.asarray(diag.get("bin_start", np.full(len(edges), np.nan)), float))
     dens_x = np.atleast_2d(np.asarray(diag["density_x"], dtype=float))
     dens_fit = np.atleast_2d(np.asarray(diag["density_fit"], dtype=float))
     dens_exact = diag.get("density_exact")
@@ -221,31 +229,105 @@ def plot_transition(diag: dict[str, np.ndarray], fit: dict[str, Any], path: Path
     index = np.asarray(diag["bin_index"]).ravel()
     method = fit.get("method", "fit")
     n_bins = len(edges)
-    fig, axes = _panels(n_bins, max_cols=4)
-    for b, ax in enumerate(axes[:n_bins]):
+    per_transition = _has(diag, "transition_time", "logdensity_fit")
+    fig = plt.figure(figsize=(3.6 * min(n_bins, 4), 2.9 + (3.0 if per_transition else 0.0)),
+                     layout="constrained")
+    grid = fig.add_gridspec(2 if per_transition else 1, min(n_bins, 4))
+    for b in range(min(n_bins, 4)):
+        ax = fig.add_subplot(grid[0, b])
         data = x1[(index == b) & np.isfinite(x1)]
         if len(data):
             n_hist = int(np.clip(np.sqrt(len(data)), 8, 50))
             ax.hist(data, bins=n_hist, density=True, color="0.75", edgecolor="0.55", lw=0.4,
-                    label="observed $x_{k+1}$")
-        else:
-            ax.text(0.03, 0.95, "no transitions\nin this bin", ha="left", va="top",
-                    transform=ax.transAxes, fontsize=7, color="0.3",
-                    bbox={"facecolor": "white", "edgecolor": "0.7", "pad": 2})
+                    label="observed moves, recentred")
         xs, fit_b = dens_x[b], dens_fit[b]
         ax.plot(xs, fit_b, "-", lw=1.5, color="C0", label=f"fitted ({method})")
         if dens_exact is not None and b < len(dens_exact) and np.isfinite(dens_exact[b]).any():
-            ax.plot(xs, dens_exact[b], "--", lw=1.2, color="k", label="exact")
-        ax.set_xlim(*_density_range(xs, fit_b, data))
+            ax.plot(xs, dens_exact[b], "--", lw=1.2, color="k", label="exact law at θ̂")
+        ax.set_yscale("log")
+        top = float(np.nanmax(fit_b)) if np.isfinite(fit_b).any() else 1.0
+        ax.set_ylim(top * 1e-7, top * 3)
+        ax.set_xlim(xs[0], xs[-1])
         dt = bin_dt[b] if b < len(bin_dt) else math.nan
-        ax.set_title(f"$x_k$ ∈ [{edges[b, 0]:.4g}, {edges[b, 1]:.4g}), Δt = {dt:.4g}, "
-                     f"n = {len(data)}", fontsize=8)
-        ax.set_xlabel("$x_{k+1}$")
-        ax.set_ylabel("density")
+        ax.set_title(f"$x_k$ = {starts[b]:.4g} (bin [{edges[b, 0]:.4g}, {edges[b, 1]:.4g}]), "
+                     f"Δt = {dt:.3g}, n = {len(data)}", fontsize=7)
+        ax.set_xlabel("$x_{k+1}$ (moves: $x_{k+1} - x_k + $ the bin's median start)", fontsize=7)
+        ax.set_ylabel("density (log scale)", fontsize=7)
         ax.tick_params(labelsize=7)
         ax.grid(alpha=0.3)
-    _figure_legend(fig, axes[:n_bins])
-    fig.suptitle("transition density given $x_k$ in a bin: observed against fitted", fontsize=10)
+        if b == 0:
+            ax.legend(fontsize=6, loc="lower center")
+    if per_transition:
+        ax = fig.add_subplot(grid[1, :])
+        t = np.asarray(diag["transition_time"], float)
+        lp = np.asarray(diag["logdensity_fit"], float)
+        ex = np.asarray(diag.get("logdensity_exact", np.full(t.shape, np.nan)), float)
+        dates = diag.get("transition_date")
+        ax.plot(t, lp, ".", ms=2.5 if t.size > 800 else 4, color="C0",
+                label=f"fitted ({method})")
+        if np.isfinite(ex).any():
+            ax.plot(t, ex, "o", ms=4 if t.size <= 800 else 3, mfc="none", mec="k", mew=0.5,
+                    label="exact law at θ̂")
+        for k in np.argsort(lp)[:5]:
+            when = str(dates[k]) if dates is not None else f"t = {t[k]:.4g}"
+            ax.annotate(f"{when}: {lp[k]:.1f}", (t[k], lp[k]), fontsize=6, xytext=(4, -2),
+                        textcoords="offset points", color="C3")
+        ax.set_xlabel("time of the transition's end (years)")
+        ax.set_ylabel("log-density of the observed move")
+        ax.set_title("each observed transition under the fitted law: the lowest are the moves "
+                     "the model finds extreme (the five lowest dated)", fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower left")
+        ax.tick_params(labelsize=7)
+    fig.suptitle("transition law given $x_k$: fitted against observed moves (log scale) and "
+                 "per transition", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_pit_time(diag: dict[str, np.ndarray], path: Path) -> list[Path]:
+    """The PIT's normal score z_k = Φ⁻¹(u_k) against time, with the bands that |z| passes with
+    probability 1 % and 0.1 % under the model, the points beyond dated; and a rolling mean of
+    z² (1 when the model's scale is right): where in time the model fails."""
+    import matplotlib.pyplot as plt
+    from scipy.stats import norm
+
+    u = np.clip(np.asarray(diag["pit"], float), 1e-16, 1 - 1e-16)
+    t = np.asarray(diag["transition_time"], float)
+    z = norm.ppf(u)
+    dates = diag.get("transition_date")
+    fig, axes = plt.subplots(2, 1, figsize=(11, 5.6), sharex=True, layout="constrained",
+                             height_ratios=[2, 1])
+    ax = axes[0]
+    ax.plot(t, z, ".", ms=2.5 if t.size > 800 else 4, color="k")
+    for q, style in ((0.99, ":"), (0.999, "--")):
+        c = norm.ppf(0.5 + q / 2)
+        ax.axhline(c, color="C3", ls=style, lw=0.9, label=f"|z| = {c:.2f}: {1 - q:.1%} under the model")
+        ax.axhline(-c, color="C3", ls=style, lw=0.9)
+    beyond = np.flatnonzero(np.abs(z) > norm.ppf(0.9995))
+    expected = 0.001 * z.size
+    for k in beyond[np.argsort(-np.abs(z[beyond]))][:8]:
+        when = str(dates[k]) if dates is not None else f"t = {t[k]:.4g}"
+        ax.annotate(when, (t[k], z[k]), fontsize=6, xytext=(3, 0), textcoords="offset points",
+                    color="C3")
+    ax.set_ylabel("z = Φ⁻¹(PIT)")
+    ax.set_title(f"normal scores of the transitions: {beyond.size} beyond 0.1 % bands where "
+                 f"the model expects {expected:.1f}", fontsize=9)
+    ax.legend(fontsize=7, loc="lower left")
+    ax.grid(alpha=0.3)
+    window = int(np.clip(z.size // 20, 5, 250))
+    if z.size >= window:
+        kernel = np.ones(window) / window
+        rolling = np.convolve(z * z, kernel, mode="valid")
+        centre = t[window // 2: window // 2 + rolling.size]
+        axes[1].plot(centre, rolling, color="C0", lw=1.2)
+    axes[1].axhline(1.0, color="k", lw=0.8)
+    axes[1].set_ylabel(f"rolling mean of z²\n({window} transitions)", fontsize=8)
+    axes[1].set_xlabel("time of the transition's end (years)")
+    axes[1].grid(alpha=0.3)
+    for a in axes:
+        a.tick_params(labelsize=7)
+    fig.suptitle("where in time the fitted law fails: normal scores and their rolling variance "
+                 "(1 when the model's scale is right)", fontsize=10)
     return _save(fig, path)
 
 

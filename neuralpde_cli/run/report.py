@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from neuralpde_cli.errors import UserError
-from neuralpde_cli.run.rundir import read_metrics
+from neuralpde_cli.run.rundir import RunLock, read_metrics
 
 #: the final errors a table shows, in this order, when some run has them
 ERRORS = ("rel_l2_error", "rel_l2_log_error", "cov_rel_error", "l1_error", "rel_residual")
@@ -35,7 +35,18 @@ class Run:
 
     @property
     def status(self) -> str:
-        return str(self.summary.get("status", "missing"))
+        """summary.json's status; "running" whose writer is gone (no process holds the run's
+        lock, nor its sweep's) is "interrupted": killed without a chance to say so."""
+        status = str(self.summary.get("status", "missing"))
+        if status == "running" and RunLock.holder(self.path) is None \
+                and RunLock.holder(self.path.parent) is None:
+            return "interrupted"
+        return status
+
+    @property
+    def command(self) -> str:
+        """The subcommand that wrote the run (solve when summary.json does not say)."""
+        return str(self.summary.get("command") or "solve")
 
     def error(self, metric: str) -> float | None:
         value = self.summary.get("metrics", {}).get(metric)
@@ -188,8 +199,11 @@ def write_report(runs: list[Run], out: Path, metric: str | None) -> list[Path]:
     unfinished = [r for r in runs if r.status in ("interrupted", "running")
                   and (r.path / "checkpoints" / "last.pt").is_file()]
     if unfinished:
-        lines += ["", "Unfinished runs (continue each with `neuralpde solve resume=DIR`):", ""]
-        lines += [f"    neuralpde solve resume={r.path}" for r in unfinished]
+        lines += ["", "Unfinished runs (continue each with its command's `resume=DIR`):", ""]
+        lines += [f"    neuralpde {r.command} resume={r.path}" for r in unfinished]
+    fits = calibrations(runs)
+    if fits:
+        lines += ["", *comparison_markdown(fits)]
     lines += [""] + [f"![{p.stem}]({p.name})" for p in pictures]
     (out / "report.md").write_text("\n".join(lines) + "\n")
     return [out / "report.md", *written]
@@ -343,3 +357,120 @@ def export_tensorboard(runs: list[Run], out: Path, metric: str | None) -> Path:
             hparams = {k: run.overrides.get(k, "") for k in keys} or {"run": run.name}
             writer.add_hparams(hparams, finals, run_name=".")
     return out
+
+
+# --- calibrate runs: a model comparison -------------------------------------------------------
+#: (smaller kind, larger kind, the larger kind's restriction that gives the smaller, df,
+#: whether the restriction sits on the boundary of the larger kind's parameter space)
+NESTED = (("cir", "cev", "gamma = 1/2", 1, False), ("ou", "cev", "gamma = 0", 1, True),
+          ("brownian", "ou", "theta = 0", 1, True))
+
+
+@dataclass
+class Calibration:
+    """One completed calibrate run as a comparison sees it (from its fit.json)."""
+
+    run: Run
+    sde: str
+    data: str
+    n: int
+    k: int
+    loglik: float
+    aic: float
+    bic: float
+    converged: bool
+    verdict: dict[str, Any]
+    estimates: dict[str, float]
+    se: dict[str, float]
+
+    @property
+    def rejected(self) -> bool:
+        return bool(self.verdict.get("rejected_by"))
+
+    def verdict_words(self) -> str:
+        if not self.converged:
+            return "not converged"
+        short = {"pit_uniform_ks_p": "KS", "pit_independent_ljung_box_p": "Ljung–Box",
+                 "pit_squares_independent_ljung_box_p": "on squares"}
+        ps = "; ".join(f"{word} p={self.verdict[k]:.2g}" for k, word in short.items()
+                       if isinstance(self.verdict.get(k), (int, float)))
+        return f"{'rejected at 1%' if self.rejected else 'not rejected at 1%'} ({ps})"
+
+
+def calibrations(runs: list[Run]) -> list[Calibration]:
+    """The completed calibrate runs with a readable fit.json."""
+    out = []
+    for r in runs:
+        if r.command != "calibrate" or r.status != "completed":
+            continue
+        fit = _read_json(r.path / "fit.json")
+        if "loglik" not in fit or "estimates" not in fit:
+            continue
+        names = list(fit.get("names") or fit["estimates"])
+        data = str((fit.get("data") or {}).get("path") or r.summary.get("data") or "")
+        out.append(Calibration(
+            run=r, sde=str(r.summary.get("sde", "?")), data=data,
+            n=int(fit.get("n_transitions", 0)), k=len(names), loglik=float(fit["loglik"]),
+            aic=float(fit.get("aic", math.nan)), bic=float(fit.get("bic", math.nan)),
+            converged=bool(fit.get("converged")), verdict=fit.get("verdict") or {},
+            estimates=dict(fit["estimates"]) if isinstance(fit["estimates"], dict)
+            else dict(zip(names, fit["estimates"])),
+            se=dict(fit["se"]) if isinstance(fit.get("se"), dict)
+            else dict(zip(names, fit.get("se") or []))))
+    return out
+
+
+def ranked(fits: list[Calibration]) -> list[list[Calibration]]:
+    """Fits grouped by data set (file and transition count: only those are comparable), each
+    group ordered by AIC, best first."""
+    groups: dict[tuple[str, int], list[Calibration]] = {}
+    for f in fits:
+        groups.setdefault((f.data, f.n), []).append(f)
+    return [sorted(g, key=lambda f: (math.isnan(f.aic), f.aic)) for g in groups.values()]
+
+
+def lr_tests(group: list[Calibration]) -> list[dict[str, Any]]:
+    """Likelihood-ratio tests between nested kinds fitted to the same data: 2Δlog L against
+    χ² with df degrees of freedom (on a boundary, the ½χ²₀ + ½χ²_df mixture, which halves p)."""
+    from scipy.stats import chi2
+
+    out = []
+    by_kind = {f.sde: f for f in group}
+    for small, big, restriction, df, boundary in NESTED:
+        if small in by_kind and big in by_kind:
+            s, b = by_kind[small], by_kind[big]
+            stat = max(0.0, 2.0 * (b.loglik - s.loglik))
+            p = float(chi2.sf(stat, df)) * (0.5 if boundary else 1.0)
+            out.append({"null": small, "alternative": big, "restriction": restriction,
+                        "statistic": stat, "df": df, "p": p, "boundary": boundary,
+                        "words": f"{small} against {big} ({restriction}): LR = {stat:.2f}, "
+                                 f"p = {p:.2g}{' (boundary: ½χ²₀ + ½χ²₁)' if boundary else ''}"
+                                 f" — {small} is {'rejected' if p < 0.01 else 'not rejected'} "
+                                 "at 1%"})
+    return out
+
+
+def _estimates_text(f: Calibration) -> str:
+    return ", ".join(f"{n} {v:.4g} ({f.se.get(n, math.nan):.2g})" for n, v in f.estimates.items())
+
+
+def comparison_markdown(fits: list[Calibration]) -> list[str]:
+    """report.md's model comparison: per data set, the fits by AIC with log L, BIC, the
+    verdict and the estimates (SE), then the likelihood-ratio tests of nested kinds."""
+    lines = ["## Calibrations, ranked by AIC (per data set)", ""]
+    for group in ranked(fits):
+        best = group[0]
+        lines += [f"Data {best.data} ({best.n} transitions): best by AIC is **{best.sde}** "
+                  f"({best.run.name}).", "",
+                  "| rank | run | sde | k | log L | AIC | ΔAIC | BIC | verdict | estimates (SE) |",
+                  "|---|---|---|---|---|---|---|---|---|---|"]
+        for i, f in enumerate(group, 1):
+            lines.append(f"| {i} | {f.run.name} | {f.sde} | {f.k} | {f.loglik:.3f} | {f.aic:.2f} | "
+                         f"{f.aic - best.aic:.2f} | {f.bic:.2f} | {f.verdict_words()} | "
+                         f"{_estimates_text(f)} |")
+        tests = lr_tests(group)
+        if tests:
+            lines += ["", "Likelihood-ratio tests of nested kinds:", ""]
+            lines += [f"- {t['words']}" for t in tests]
+        lines.append("")
+    return lines

@@ -23,7 +23,7 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import Tensor
 
-from neuralpde_cli.data import Observations, read_observations
+from neuralpde_cli.data import DataConfig, Observations, read_observations
 from neuralpde_cli.device import resolve_device, resolve_precision
 from neuralpde_cli.errors import UserError, check_choice
 from neuralpde_cli.likelihood import fit as fitting
@@ -68,8 +68,8 @@ class FitSettings:
 
 @dataclass
 class CalibrateConfig:
-    #: observations: a CSV or .npz in the data schema (README § Data sets)
-    data: str = MISSING
+    #: observations: a CSV or .npz in the data schema (README § Data sets), and how to read it
+    data: DataConfig = field(default_factory=DataConfig)
     equation: Any = MISSING
     ansatz: Any = MISSING
     optimizer: Any = MISSING
@@ -102,7 +102,9 @@ class Problem:
         if self.dtype != torch.float64:
             raise UserError(f"precision={cfg.precision}: calibration runs in float64 (standard "
                             "errors come from differences of gradients)")
-        self.obs: Observations = read_observations(cfg.data, dim=self.dim)
+        self.obs: Observations = read_observations(cfg.data.path, self.dim,
+                                                   OmegaConf.to_object(cfg.data))
+        self.data_start = _data_start(self.sde_cfg, self.dim, self.obs, cfg.fit.start_from)
         sde = build_sde(self.sde_cfg, self.dim, self.dtype, self.device)  # checks the config
         if sde.lower_bound is not None and bool(np.any(self.obs.state <= sde.lower_bound)):
             row = int(np.argwhere(np.any(self.obs.state <= sde.lower_bound, axis=1))[0, 0])
@@ -133,7 +135,9 @@ class Problem:
         # where the baselines start (fit.start_from=baseline): the data's own scale when a
         # moment estimate exists and is in every parameter's domain, else the config's values
         self.baseline_start, self.baseline_start_from = self.config_start, "config"
-        if cfg.fit.start_from == "baseline" and self.dim == 1:
+        if self.data_start:
+            self.baseline_start, self.baseline_start_from = self.config_start, "VAR(1)"
+        elif cfg.fit.start_from == "baseline" and self.dim == 1:
             from neuralpde_cli.likelihood.gaussian import ar1_start
             moments = ar1_start(self.sde_cfg.kind, tr.x0, tr.x1, tr.dt)
             if moments is not None:
@@ -142,7 +146,7 @@ class Problem:
                     self.baseline_start, self.baseline_start_from = guess, "moments"
         self.tset = TransitionSet.from_arrays(tr.x0, tr.x1, tr.t0, tr.dt, self.dtype, self.device)
         if self.tset.n < len(self.names) + 1:
-            raise UserError(f"data={cfg.data} has {self.tset.n} transitions; fitting "
+            raise UserError(f"data={cfg.data.path} has {self.tset.n} transitions; fitting "
                             f"{len(self.names)} parameters needs more")
 
     def sde(self, values: dict[str, Tensor]) -> Any:
@@ -155,6 +159,30 @@ class Problem:
     def objective(self, log_density: Callable[[dict[str, Tensor]], Tensor]) -> fitting.Objective:
         """θ ↦ (−log L, its gradient by autograd) for a differentiable log-density."""
         return fitting.autograd_objective(log_density, self.tensors)
+
+
+def _data_start(sde_cfg: SDEConfig, dim: int, obs: Observations, start_from: str) -> bool:
+    """In d > 1, an OU's θ, mean and σ from the data's VAR(1) (likelihood.gaussian.
+    var1_ou_start), written into ``sde_cfg`` where it starts the baselines: nobody types 2×2
+    matrices to fit them. True where it did; with fit.start_from=config the config's values
+    stay (and are checked as given)."""
+    from neuralpde_cli.likelihood.gaussian import var1_ou_start
+
+    if dim == 1 or sde_cfg.kind != "ou" or start_from != "baseline":
+        return False
+    tr = obs.transitions()
+    guess = var1_ou_start(tr.x0, tr.x1, tr.dt)
+    if guess is None:
+        shaped = np.shape(sde_cfg.theta) == (dim, dim) and np.shape(sde_cfg.sigma) == (dim, dim)
+        if shaped:
+            return False
+        log.warning("the data's VAR(1) is not a stable OU; starting from θ = I, the data's "
+                    "mean and the covariance of its increments")
+        dx = (tr.x1 - tr.x0) / np.sqrt(tr.dt)[:, None]
+        guess = {"theta": np.eye(dim).tolist(), "mean": obs.state.mean(0).tolist(),
+                 "sigma": np.linalg.cholesky(np.cov(dx.T) + 1e-12 * np.eye(dim)).tolist()}
+    sde_cfg.theta, sde_cfg.mean, sde_cfg.sigma = guess["theta"], guess["mean"], guess["sigma"]
+    return True
 
 
 # --- baselines ---------------------------------------------------------------------------------
@@ -388,6 +416,8 @@ def _fit_pde(problem: Problem, run: RunDir, start: np.ndarray, hinv0: np.ndarray
     state = fitting.minimize(objective, start, problem.kinds, hinv0=hinv0, max_iter=cfg.max_iter,
                              tol=cfg.tol, state=state, callback=callback)
     rechosen = density.refreezes
+    log.info("the optimum found after %d iterations; re-choosing the march's steps there to "
+             "confirm it", state.iteration)
     state, check = fitting.confirm_discretization(
         objective, state, problem.kinds,
         lambda theta: density.readapted_loglik(problem.tensors(theta, False)),
@@ -395,6 +425,8 @@ def _fit_pde(problem: Problem, run: RunDir, start: np.ndarray, hinv0: np.ndarray
     moved = check["loglik_readapted_steps"] - check["loglik_replayed_steps"]
     if abs(moved) > 1e-3:
         log.info("steps re-adapted at the optimum moved log L by %.2g: refitted", moved)
+    log.info("standard errors: the observed information from %d gradients",
+             2 * len(problem.names))
     result = fitting.summarize(problem.names, objective, state, problem.kinds)
     if not result.converged:
         log.warning("the fit did not converge: %s", _why_not_converged(state, result))
@@ -431,10 +463,8 @@ def _progress(names: list[str]) -> Callable[[fitting.FitState, np.ndarray], None
 
 
 # --- diagnostics ---------------------------------------------------------------------------------
-def _robust(problem: Problem, density: TransitionDensity, result: fitting.FitResult) -> dict:
-    """Sandwich standard errors (per-transition scores by central differences on the replayed
-    steps), and the well-posedness figures users check: Feller's ratio 2κθ/ξ² (CIR, Heston;
-    reported, not imposed) and the slowest decay rate of an OU drift matrix."""
+def _sandwich(problem: Problem, density: TransitionDensity, result: fitting.FitResult) -> dict:
+    """Huber's sandwich SEs from per-transition scores by central differences."""
     theta = result.estimates
     scores = np.empty((problem.tset.n, len(theta)))
     for i in range(len(theta)):
@@ -450,12 +480,29 @@ def _robust(problem: Problem, density: TransitionDensity, result: fitting.FitRes
             with torch.no_grad():
                 lp.append(density.log_density(problem.tensors(point, False), False).cpu().numpy())
         scores[:, i] = (lp[0] - lp[1]) / (2 * h)
+    cov, se = fitting.sandwich(result.hessian, scores)
+    return {"se_sandwich": dict(zip(problem.names, se.tolist())),
+            "covariance_sandwich": cov.tolist()}
+
+
+def _breakdown(exc: BaseException) -> str:
+    """A numerical failure in one line: what broke, and that the fit's results stand."""
+    return (f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''} "
+            "(the estimates and observed-information SEs stand)")
+
+
+def _robust(problem: Problem, density: TransitionDensity, result: fitting.FitResult) -> dict:
+    """Sandwich standard errors (per-transition scores by central differences on the replayed
+    steps), and the well-posedness figures users check: Feller's ratio 2κθ/ξ² (CIR, Heston;
+    reported, not imposed) and the slowest decay rate of an OU drift matrix."""
+    theta = result.estimates
+    log.info("sandwich standard errors: per-transition scores from %d evaluations",
+             2 * len(theta))
     out: dict[str, Any] = {}
     try:
-        cov, se = fitting.sandwich(result.hessian, scores)
-        out["se_sandwich"] = dict(zip(problem.names, se.tolist()))
-        out["covariance_sandwich"] = cov.tolist()
-    except np.linalg.LinAlgError:
+        out.update(_sandwich(problem, density, result))
+    except (RuntimeError, ArithmeticError, np.linalg.LinAlgError) as exc:
+        log.warning("sandwich standard errors skipped: %s", _breakdown(exc))
         out["se_sandwich"] = None
     values = {**parameter_values(problem.sde_cfg, problem.dim), **dict(zip(problem.names, theta))}
     if problem.sde_cfg.kind in ("cir", "heston"):
@@ -472,23 +519,19 @@ def _robust(problem: Problem, density: TransitionDensity, result: fitting.FitRes
 
 
 
-def _density_error(problem: Problem, density: TransitionDensity,
+def _density_error(problem: Problem, diagnostics: dict[str, np.ndarray],
                    result: fitting.FitResult) -> dict[str, Any] | None:
     """Where the exact law is known (1-D OU, CIR): the PDE's per-transition log-density against
     the exact one at θ̂, in bands of |z| (the move's normal score under the exact law), so an
     error in the far tails, where real data put their worst weeks, cannot hide in an average."""
-    from neuralpde_cli.references.transitions import EXACT, error_by_band, normal_scores
+    from neuralpde_cli.references.transitions import error_by_band, normal_scores
 
-    kind = problem.sde_cfg.kind
-    if problem.dim != 1 or kind not in EXACT or sorted(EXACT[kind][1]) != sorted(problem.names):
+    exact, pde = diagnostics["logdensity_exact"], diagnostics["logdensity_fit"]
+    if not np.all(np.isfinite(exact)):
         return None
-    fn, names, _ = EXACT[kind]
-    theta = dict(zip(problem.names, result.estimates))
     tr = problem.transitions
-    exact = fn(tr.x0[:, 0], tr.x1[:, 0], tr.dt, *[theta[n] for n in names])
-    with torch.no_grad():
-        pde = density.log_density(problem.tensors(result.estimates, False), False).cpu().numpy()
-    z = normal_scores(kind, tr.x0[:, 0], tr.x1[:, 0], tr.dt, theta)
+    theta = dict(zip(problem.names, result.estimates))
+    z = normal_scores(problem.sde_cfg.kind, tr.x0[:, 0], tr.x1[:, 0], tr.dt, theta)
     error = pde - exact
     out = {"loglik_exact_at_estimate": float(exact.sum()),
            "loglik_error_per_1000": float(1000.0 * error.sum() / tr.n),
@@ -565,17 +608,46 @@ def _verdict(result: fitting.FitResult, pit: np.ndarray) -> dict[str, Any]:
             "sandwich_over_observed": ratios, "lines": lines}
 
 
-def _diagnostics(problem: Problem, density: TransitionDensity, result: fitting.FitResult,
-                 baselines: dict[str, dict]) -> dict[str, np.ndarray]:
+def _diagnostics(problem: Problem, density: TransitionDensity,
+                 result: fitting.FitResult) -> dict[str, np.ndarray]:
     """PIT values, profile likelihoods, and the fitted transition density per x₀ bin."""
     cfg = problem.cfg.fit
     theta = result.estimates
     values = problem.tensors(theta, False)
     out: dict[str, np.ndarray] = {}
+    log.info("diagnostics: the PIT, each transition's log-density%s and the transition "
+             "plot's densities", ", profiles" if cfg.profile_points > 0 else "")
     out["pit"] = density.pit(values).cpu().numpy()
+    out.update(_per_transition(problem, density, result))
     if cfg.profile_points > 0 and np.all(np.isfinite(result.se)):
         out.update(_profiles(problem, density, result))
-    out.update(_bins(problem, density, values, baselines))
+    try:
+        out.update(_bins(problem, density, values, result))
+    except (RuntimeError, ArithmeticError) as exc:
+        log.warning("transition.png's densities skipped: %s", _breakdown(exc))
+    return out
+
+
+def _per_transition(problem: Problem, density: TransitionDensity,
+                    result: fitting.FitResult) -> dict[str, np.ndarray]:
+    """Each observed transition's time (of its end; its date when the file had dates) and
+    log-density at θ̂, fitted and, where the law is known (1-D OU, CIR), exact: what shows
+    which moves the model finds extreme, and where the density approximation errs."""
+    from neuralpde_cli.references.transitions import EXACT
+
+    tr, obs = problem.transitions, problem.obs
+    with torch.no_grad():
+        fitted = density.log_density(problem.tensors(result.estimates, False), False).cpu().numpy()
+    exact = np.full(tr.n, np.nan)
+    kind = problem.sde_cfg.kind
+    if problem.dim == 1 and kind in EXACT and sorted(EXACT[kind][1]) == sorted(problem.names):
+        fn, names, _ = EXACT[kind]
+        theta = dict(zip(problem.names, result.estimates))
+        exact = fn(tr.x0[:, 0], tr.x1[:, 0], tr.dt, *[theta[n] for n in names])
+    out = {"transition_time": tr.t0 + tr.dt, "logdensity_fit": fitted,
+           "logdensity_exact": np.asarray(exact, float)}
+    if obs.dates is not None:
+        out["transition_date"] = np.array([str(d)[:10] for d in obs.dates[tr.row]])
     return out
 
 
@@ -588,7 +660,10 @@ def _profiles(problem: Problem, density: TransitionDensity,
     theta, hess, se = result.estimates, result.hessian, result.se
     p, m = len(theta), cfg.profile_points
     grid, loglik = np.empty((p, m)), np.empty((p, m))
+    fitted_steps = list(density.step_times)  # a far profile point may choose its own steps
     for i in range(p):
+        log.info("profile likelihood %d of %d (%s): %d points over ± %g SE", i + 1, p,
+                 problem.names[i], m, cfg.profile_width)
         offsets = np.linspace(-cfg.profile_width, cfg.profile_width, m) * se[i]
         if problem.kinds[i] == "positive":  # stay inside the domain
             offsets = np.maximum(offsets, -0.9 * theta[i])
@@ -606,14 +681,17 @@ def _profiles(problem: Problem, density: TransitionDensity,
                                                              False).sum())
             except (RuntimeError, ArithmeticError):  # a θ the march cannot cross: a gap
                 loglik[i, k] = np.nan
+            density.step_times = list(fitted_steps)
     return {"profile_names": np.array(problem.names), "profile_grid": grid,
             "profile_loglik": loglik}
 
 
 def _bins(problem: Problem, density: TransitionDensity, values: dict[str, Tensor],
-          baselines: dict[str, dict]) -> dict[str, np.ndarray]:
-    """For x₀ in each quantile bin: the observed x₁, and the density of x₁ predicted for those
-    starts (the average of their transition densities, so a wide bin is compared fairly)."""
+          result: fitting.FitResult) -> dict[str, np.ndarray]:
+    """For each quantile bin of x₀: the conditional density p(x₁ | x₀ = the bin's median) at
+    θ̂, fitted and (where known) exact, and the bin's observed moves recentred on that start
+    (x₁ − x₀ + median): one law against the moves it should describe, never an average of
+    densities that follows the histogram by construction."""
     from neuralpde_cli.references.transitions import EXACT
 
     tr = problem.transitions
@@ -622,34 +700,34 @@ def _bins(problem: Problem, density: TransitionDensity, values: dict[str, Tensor
     edges = np.quantile(x0, np.linspace(0, 1, n_bins + 1))
     dt = float(np.median(tr.dt))
     spread = float(np.std(x1 - x0)) or 1.0
-    g = 121
-    out = {k: [] for k in ("bin_edges", "bin_dt", "density_x", "density_fit", "density_exact")}
+    g = 161
+    out = {k: [] for k in ("bin_edges", "bin_dt", "bin_start", "density_x", "density_fit",
+                           "density_exact")}
     bin_x1, bin_index = [], []
-    exact = baselines.get("exact")
+    kind = problem.sde_cfg.kind
+    exact = EXACT.get(kind) if problem.dim == 1 and kind in EXACT and \
+        sorted(EXACT[kind][1]) == sorted(problem.names) else None
+    theta = dict(zip(problem.names, result.estimates))
     bound = density.natural_sde({}).lower_bound  # the data's coordinates, not the march's
     for b in range(n_bins):
         inside = (x0 >= edges[b]) & ((x0 < edges[b + 1]) if b < n_bins - 1 else (x0 <= edges[b + 1]))
         inside &= np.isclose(tr.dt, dt, rtol=1e-6)
-        ends = x1[inside]
-        lo = (ends.min() if ends.size else edges[b]) - 2 * spread
-        hi = (ends.max() if ends.size else edges[b + 1]) + 2 * spread
+        rows = np.flatnonzero(inside)
+        centre = rows[np.argsort(x0[rows])[rows.size // 2]] if rows.size else 0
+        start = tr.x0[centre]
+        ends = x1[rows] - x0[rows] + start[0]
+        lo = (ends.min() if ends.size else start[0]) - 3 * spread
+        hi = (ends.max() if ends.size else start[0]) + 3 * spread
         if bound is not None:
-            lo = max(lo, bound + 1e-9)
+            lo = max(lo, bound + 1e-9 * max(1.0, abs(start[0])))
         xs = np.linspace(lo, hi, g)
-        rows = np.flatnonzero(inside)[:: max(1, int(inside.sum()) // 64)]
-        use = tr.x0[rows] if rows.size else tr.x0[:1]
-        fit_curve = density.predictive_density(values, use, dt, xs)
-        out["density_fit"].append(fit_curve)
-        if exact is not None and problem.dim == 1:
-            kind = problem.sde_cfg.kind
-            fn, names, _ = EXACT[kind]
-            args = [exact["estimates"][n] for n in names]
-            curve = np.mean([np.exp(fn(s, xs, dt, *args)) for s in use[:, 0]], axis=0)
-            out["density_exact"].append(curve)
-        else:
-            out["density_exact"].append(np.full(g, np.nan))
+        out["density_fit"].append(density.predictive_density(values, start[None, :], dt, xs))
+        out["density_exact"].append(
+            np.exp(exact[0](np.full(g, start[0]), xs, dt, *[theta[n] for n in exact[1]]))
+            if exact is not None else np.full(g, np.nan))
         out["bin_edges"].append([edges[b], edges[b + 1]])
         out["bin_dt"].append(dt)
+        out["bin_start"].append(start[0])
         out["density_x"].append(xs)
         bin_x1.append(ends)
         bin_index.append(np.full(ends.size, b))
@@ -662,6 +740,9 @@ def _bins(problem: Problem, density: TransitionDensity, values: dict[str, Tensor
 # --- the task ------------------------------------------------------------------------------------
 def check(cfg: DictConfig) -> None:
     """Every input check, before anything is written."""
+    if OmegaConf.is_missing(cfg.data, "path") or not cfg.data.path:
+        raise UserError("calibrate needs data=PATH: a CSV with a 'time' (years) or 'date' column "
+                        "and one column per state variable, or an .npz (README § Your own data)")
     check_choice("fit.start_from", cfg.fit.start_from, START_FROM)
     for name in cfg.fit.baselines:
         check_choice("fit.baselines", name, BASELINES)
@@ -739,6 +820,9 @@ def _bootstrap(problem: Problem, result: fitting.FitResult,
             else:
                 refits.append(fitting.to_natural(state.u, kinds)[0])
             done = np.mean(refits, axis=0) if refits else theta
+            log.info("bootstrap set %d of %d: %s", len(refits) + failed, cfg.bootstrap_sets,
+                     "refit failed" if state is None or not state.converged else "  ".join(
+                         f"{n} {v:.4g}" for n, v in zip(problem.names, refits[-1])))
             progress.update(bar, advance=1, info="  ".join(
                 f"{n} {2 * e - m:.4g}" for n, e, m in zip(problem.names, theta, done)))
     if len(refits) < max(2, int(cfg.bootstrap_sets) // 2):
@@ -751,6 +835,26 @@ def _bootstrap(problem: Problem, result: fitting.FitResult,
     out["time_s"] = time.perf_counter() - begin
     log.info("bootstrap bias correction (%d refits, %.0f s): %s", len(refits), out["time_s"],
              "  ".join(f"{n} {v:.5g}" for n, v in out["estimates"].items()))
+    return out
+
+
+def _describe_data(problem: Problem) -> dict[str, Any]:
+    """What was read, logged first (the time unit a rate is per) and kept in fit.json."""
+    obs, tr = problem.obs, problem.transitions
+    out: dict[str, Any] = {"path": obs.source, "columns": obs.state_names,
+                           "time": obs.time_note, "observations": int(obs.time.shape[0]),
+                           "skipped_lines": obs.skipped_lines}
+    if obs.dates is not None:
+        out["first"], out["last"] = str(obs.dates.min())[:10], str(obs.dates.max())[:10]
+    log.info("%s; %d observations%s of %s, %d transitions, Δt median %.4g years", obs.time_note,
+             out["observations"], f" ({out['first']} … {out['last']})" if obs.dates is not None
+             else "", obs.state_names, tr.n, float(np.median(tr.dt)))
+    if obs.skipped_lines:
+        shown = ", ".join(map(str, obs.skipped_lines[:5]))
+        log.warning("%d observations skipped for a missing value (line%s %s%s); each transition "
+                    "across such a gap spans it with its own Δt (data.missing=refuse stops "
+                    "instead)", len(obs.skipped_lines), "s" if len(obs.skipped_lines) > 1 else "",
+                    shown, " …" if len(obs.skipped_lines) > 5 else "")
     return out
 
 
@@ -772,7 +876,8 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     problem = Problem(cfg)
     names = problem.names
-    summary: dict[str, Any] = {"status": "running", "command": "calibrate", "data": cfg.data,
+    data_info = _describe_data(problem)
+    summary: dict[str, Any] = {"status": "running", "command": "calibrate", "data": cfg.data.path,
                                "sde": problem.sde_cfg.kind, "parameters": names,
                                "device": str(problem.device),
                                "config": OmegaConf.to_container(cfg, resolve=True)}
@@ -784,10 +889,10 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     t_fit = time.perf_counter()
     result, step_check = _fit_pde(problem, run, start, hinv0, density, bool(cfg.get("resume")))
     fit_time = time.perf_counter() - t_fit
-    diagnostics = _diagnostics(problem, density, result, baselines)
+    diagnostics = _diagnostics(problem, density, result)
     result.notes.update(_robust(problem, density, result))
     if "exact" in baselines:
-        result.notes["density_error"] = _density_error(problem, density, result)
+        result.notes["density_error"] = _density_error(problem, diagnostics, result)
     result.notes["verdict"] = _verdict(result, diagnostics["pit"])
     if cfg.fit.bootstrap_sets:
         result.notes["bias_correction"] = _bootstrap(problem, result, density)
@@ -803,13 +908,13 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     dts = problem.transitions.dt
     fit_json = {"method": "pde", **result.as_dict(), "aic": 2 * k - 2 * result.loglik,
                 "bic": k * math.log(n) - 2 * result.loglik, "n_transitions": n,
-                "n_paths": int(len(np.unique(problem.obs.path))),
+                "n_paths": int(len(np.unique(problem.obs.path))), "data": data_info,
                 "dt": {"min": float(dts.min()), "median": float(np.median(dts)),
                        "max": float(dts.max())},
                 "start": {"from": start_name, "values": dict(zip(names, start.tolist())),
                           "baselines_from": problem.baseline_start_from},
                 "time_march": step_check, "fit_time_s": fit_time,
-                "true_values": _true_values(cfg.data), "baselines": baselines,
+                "true_values": _true_values(cfg.data.path), "baselines": baselines,
                 "wall_time_s": time.perf_counter() - begin,
                 "config": OmegaConf.to_container(cfg, resolve=True)}
     if fit_json["true_values"]:

@@ -108,7 +108,7 @@ class Task:
         writes a file: the config is composed and checked (``validate`` included), then the
         run directory is created and locked, and only then does Hydra run the task in it.
         """
-        args = coerce_overrides(sys.argv[1:], self.schema)
+        args = data_path_shorthand(coerce_overrides(sys.argv[1:], self.schema), self.schema)
         extra = self.pre_compose(args) if self.pre_compose is not None else []
         if self.register is not None:
             self.register()
@@ -276,6 +276,8 @@ class Task:
                             f"directory written by neuralpde {self.name} (outputs/DATE/TIME)")
         try:
             saved_cfg = OmegaConf.load(saved)
+            if isinstance(saved_cfg.get("data"), str) and _has_data_group(self.schema):
+                saved_cfg.data = {"path": saved_cfg.data}  # a run from before the data group
             # groups typed Any in the schema get their option's schema
             typed = {g: OmegaConf.structured(option(g, saved_cfg[g].name).config_class)
                      for g in GROUPS if isinstance(saved_cfg.get(g), DictConfig)
@@ -290,6 +292,23 @@ class Task:
 
 
 _MISSING = object()
+
+
+def _has_data_group(schema: type | None) -> bool:
+    from dataclasses import fields
+
+    from neuralpde_cli.data import DataConfig
+    return schema is not None and any(f.name == "data" and f.default_factory is DataConfig
+                                      for f in fields(schema))
+
+
+def data_path_shorthand(args: list[str], schema: type | None) -> list[str]:
+    """``data=PATH`` stands for ``data.path=PATH`` where the schema has the data group (sweeps
+    ``data=a.csv,b.csv`` included)."""
+    if not _has_data_group(schema):
+        return args
+    return [f"{a.split('=', 1)[0]}.path={a.split('=', 1)[1]}"
+            if a.split("=", 1)[0].lstrip("+") == "data" and "=" in a else a for a in args]
 
 
 def _same(current: Any, value: Any) -> bool:

@@ -22,7 +22,7 @@ from typing import Any, Optional
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from neuralpde_cli.config import DeviceConfig
-from neuralpde_cli.data import Observations, read_observations, write_observations
+from neuralpde_cli.data import DataConfig, Observations, read_observations, write_observations
 from neuralpde_cli.device import resolve_device, resolve_precision
 from neuralpde_cli.errors import UserError
 from neuralpde_cli.registry import option
@@ -43,9 +43,9 @@ class FitConfig:
     model: Any = MISSING
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     device: DeviceConfig = field(default_factory=DeviceConfig)
-    #: observations in the data schema (README § Data sets); null: generated from the true
-    #: system into the run directory (data.csv, data.npz)
-    data: Optional[str] = None
+    #: observations in the data schema (README § Data sets) and how to read them; data.path
+    #: null: generated from the true system into the run directory (data.csv, data.npz)
+    data: DataConfig = field(default_factory=DataConfig)
     seed: int = 0
     precision: str = "float64"
     #: continue an interrupted run: the path of its run directory
@@ -71,8 +71,8 @@ def build(cfg: DictConfig) -> Any:
 
 def data_source(cfg: DictConfig, run_dir: Path | None = None) -> Path | None:
     """The data file a run reads: ``data=PATH``, or on resume the one it generated."""
-    if cfg.get("data"):
-        return Path(str(cfg.data)).expanduser()
+    if cfg.data.get("path"):
+        return Path(str(cfg.data.path)).expanduser()
     if run_dir is not None and (run_dir / "data.npz").is_file():
         return run_dir / "data.npz"
     return None
@@ -85,7 +85,7 @@ def check(cfg: DictConfig) -> None:
     experiment = build(cfg)
     source = data_source(cfg, Path(cfg.resume) if cfg.get("resume") else None)
     if source is not None:
-        experiment.check_data(read_observations(source))
+        experiment.check_data(read_observations(source, options=OmegaConf.to_object(cfg.data)))
 
 
 def fit(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
@@ -108,7 +108,7 @@ def fit(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
         obs = read_observations(run.path / "data.npz")
         summary.update({"data": "data.csv", "data_scheme": experiment.data_scheme()})
     else:
-        obs = read_observations(source)
+        obs = read_observations(source, options=OmegaConf.to_object(cfg.data))
         experiment.check_data(obs)
         summary.setdefault("data", str(source))
     experiment.setup(obs)

@@ -68,4 +68,33 @@ def show(runs: list[report.Run], metric: str | None) -> None:
     for row in rows:
         table.add_row(*(report._text(row[c]) for c in columns),
                       style=style.get(str(row["status"]), None))
-    Console().print(table)
+    console = _console(18 * len(columns))
+    console.print(table)
+    for r in runs:
+        if r.status in ("interrupted", "running") and (r.path / "checkpoints" / "last.pt").is_file():
+            console.print(f"{r.status}: {r.name}; continue it with neuralpde {r.command} "
+                          f"resume={r.path}", soft_wrap=True)
+    for group in report.ranked(report.calibrations(runs)):
+        fits = Table(title=f"calibrations of {group[0].data} ({group[0].n} transitions), "
+                           "best AIC first", title_justify="left")
+        for c in ("run", "sde", "k", "log L", "AIC", "ΔAIC", "BIC", "verdict", "estimates (SE)"):
+            fits.add_column(c, justify="left" if c in ("run", "sde", "verdict", "estimates (SE)")
+                            else "right", overflow="fold")
+        for f in group:
+            fits.add_row(f.run.name, f.sde, str(f.k), f"{f.loglik:.3f}", f"{f.aic:.2f}",
+                         f"{f.aic - group[0].aic:.2f}", f"{f.bic:.2f}", f.verdict_words(),
+                         report._estimates_text(f),
+                         style="red" if f.rejected or not f.converged else None)
+        console = _console(160)
+        console.print(fits)
+        for t in report.lr_tests(group):
+            console.print(t["words"], soft_wrap=True)
+
+
+def _console(width: int) -> "Console":
+    """The terminal's console; piped or in a file, one as wide as the table needs, so that no
+    cell is cut to "…" or blank."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, width))
