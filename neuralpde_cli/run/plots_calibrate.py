@@ -269,7 +269,7 @@ def plot_transition(diag: dict[str, np.ndarray], fit: dict[str, Any], path: Path
             ax.plot(t, ex, "o", ms=4 if t.size <= 800 else 3, mfc="none", mec="k", mew=0.5,
                     label="exact law at θ̂")
         for k in np.argsort(lp)[:5]:
-            when = str(dates[k]) if dates is not None else f"t = {t[k]:.4g}"
+            when = str(dates[k]) if dates is not None else f"t = {t[k]:.6g}"
             ax.annotate(f"{when}: {lp[k]:.1f}", (t[k], lp[k]), fontsize=6, xytext=(4, -2),
                         textcoords="offset points", color="C3")
         ax.set_xlabel("time of the transition's end (years)")
@@ -306,7 +306,7 @@ def plot_pit_time(diag: dict[str, np.ndarray], path: Path) -> list[Path]:
     beyond = np.flatnonzero(np.abs(z) > norm.ppf(0.9995))
     expected = 0.001 * z.size
     for k in beyond[np.argsort(-np.abs(z[beyond]))][:8]:
-        when = str(dates[k]) if dates is not None else f"t = {t[k]:.4g}"
+        when = str(dates[k]) if dates is not None else f"t = {t[k]:.6g}"
         ax.annotate(when, (t[k], z[k]), fontsize=6, xytext=(3, 0), textcoords="offset points",
                     color="C3")
     ax.set_ylabel("z = Φ⁻¹(PIT)")
