@@ -89,7 +89,7 @@ def test_two_columns_fit_with_no_matrix_typed(tmp_path: Path):
     lines = ["time,u,v"] + [f"{k * dt},{float(p)!r},{float(q)!r}" for k, (p, q) in enumerate(x)]
     (tmp_path / "two.csv").write_text("\n".join(lines) + "\n")
     result = run_cli(["calibrate", "data=two.csv", "equation.dim=2", "fit.profile_points=0",
-                      "fit.density_bins=1", "hydra.run.dir=run"], tmp_path)
+                      "fit.density_bins=1", "fit.baselines=[exact]", "hydra.run.dir=run"], tmp_path)
     assert result.returncode == 0, result.stderr
     fit = json.loads((tmp_path / "run" / "fit.json").read_text())
     assert fit["start"]["baselines_from"] == "VAR(1)" and fit["converged"]
@@ -131,3 +131,75 @@ def test_calibrate_from_python(tmp_path: Path):
     with pytest.raises(Exception, match=r"fit.max_iter=0 must be ≥ 1"):
         neuralpde_cli.calibrate(tmp_path / "api" / "data.csv", overrides=["fit.max_iter=0"],
                                 run_dir=tmp_path / "bad")
+
+
+def _result(names, estimates, se, loglik=0.0):
+    from neuralpde_cli.likelihood.fit import FitResult
+    p = len(names)
+    return FitResult(names=list(names), estimates=np.array(estimates, float),
+                     se=np.array(se, float), hessian=np.eye(p), covariance=np.eye(p),
+                     correlation=np.eye(p),
+                     loglik=loglik, iterations=5, evaluations=9, converged=True)
+
+
+def test_the_verdict_names_a_poorly_identified_parameter_from_its_profile():
+    """A quadratic profile (SE right) passes; one that stays within χ²₁(95 %)/2 of the
+    maximum at −3 SE is named with where, and one that rises above the fit's log L too."""
+    from neuralpde_cli.tasks.calibrate import _verdict
+
+    result = _result(["rate", "level"], [0.05, 4.0], [0.06, 1.0], loglik=-200.0)
+    offsets = np.linspace(-3, 3, 7)
+    grid = np.array([0.05 + 0.06 * offsets, 4.0 + offsets])
+    quadratic = -200.0 - 0.5 * offsets ** 2
+    flat_below = np.where(offsets < 0, -200.0 - 0.1 * offsets ** 2, quadratic)
+    pit = (np.arange(200) + 0.5) / 200
+    lines = _verdict(result, pit, {"profile_grid": grid,
+                                   "profile_loglik": np.array([flat_below, quadratic])})["lines"]
+    flagged = [line for line in lines if "poorly identified" in line]
+    assert len(flagged) == 1 and flagged[0].startswith(
+        f"rate is poorly identified: its profile log L stays within 1.92 of the maximum below "
+        f"to {grid[0, 0]:.4g}: its 95% profile interval is wider than the Wald interval")
+    # a positive parameter's profile stops at −0.9θ: the interval reaches the domain's edge
+    edge = grid.copy()
+    edge[0, 0] = 0.005
+    lines = _verdict(result, pit, {"profile_grid": edge,
+                                   "profile_loglik": np.array([flat_below, quadratic])})["lines"]
+    assert any(line.startswith("rate is poorly identified: its profile log L stays within 1.92 "
+                               "of the maximum below to 0.005, near the edge of its domain: the "
+                               "data do not bound rate away from it") for line in lines)
+    rising = np.array([quadratic, quadratic + np.where(offsets == 1, 1.2, 0.0)])  # −200.5 + 1.2
+    lines = _verdict(result, pit, {"profile_grid": grid, "profile_loglik": rising})["lines"]
+    assert any(line.startswith("level's profile rises 0.7 above the fit's log L") for line in lines)
+
+
+def test_an_unreliable_bootstrap_correction_is_said():
+    """A bias three times the estimate (the issue's 120 monthly rates: +0.453 on 0.140) is
+    called unreliable; a bias inside its Monte Carlo noise is called that."""
+    from neuralpde_cli.tasks.calibrate import _bootstrap_caveats
+
+    result = _result(["rate", "noise"], [0.140, 0.5], [0.1, 0.02])
+    lines = _bootstrap_caveats(result, {
+        "estimates": {"rate": 0.0336, "noise": 0.501}, "bias": {"rate": 0.453, "noise": 0.001},
+        "bias_mc_se": {"rate": 0.05, "noise": 0.002},
+        "corrected_in_fit_coordinates": ["rate"]})
+    assert lines[0].startswith("The bootstrap's bias for rate (+0.453) is 3.2× the estimate "
+                               "(0.14), so the correction was made in the fitter's coordinate: "
+                               "the corrected rate is unreliable")
+    assert lines[1].startswith("The bootstrap's bias for noise (+0.001) is within twice its "
+                               "Monte Carlo error")
+    assert _bootstrap_caveats(result, {"estimates": None}) == []
+
+
+def test_calibrate_from_a_dataframe_with_a_date_index(tmp_path: Path):
+    """A pandas DataFrame as users hold prices: a date index, a label column chosen away."""
+    pd = pytest.importorskip("pandas")
+    days = _business_days(300)
+    t = 2019.0 + (days - np.datetime64("2019-01-01")) / np.timedelta64(1, "D") / 365.25
+    frame = pd.DataFrame({"ticker": "OU", "rate": _ou_path(t, seed=4)},
+                         index=pd.DatetimeIndex(days, name="Date"))
+    import neuralpde_cli
+    result = neuralpde_cli.calibrate(frame, sde="ou", columns=["rate"],
+                                     overrides={"fit.profile_points": 0}, run_dir=tmp_path / "df",
+                                     quiet=True)
+    assert result.n_transitions == 299 and result.fit["data"]["first"] == "2019-01-01"
+    _close_to_exact(result.fit)

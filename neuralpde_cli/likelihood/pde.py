@@ -148,7 +148,7 @@ REFREEZE_GROWTH = 1.5
 MIN_STEP_CAP = 64
 #: base points per component when the march's own rule is automatic: a transition density is
 #: a smooth, few-component mixture, and 24 Gauss–Hermite nodes (exact to degree 47) give the
-#: CIR monthly log-densities of 64 to 1e-5 at a third of the cost (README § Calibration)
+#: CIR monthly log-densities of 64 to 1e-5 at a third of the cost (docs/calibration.md)
 BASE_POINTS = {1: 24}
 TIME_DEPENDENT = ("auto", "true", "false")
 COORDINATES = ("auto", "natural")
@@ -279,7 +279,7 @@ class TransitionDensity:
         ``gaussian_residual`` follows the Fokker–Planck equation closely. Why not always K:
         components that coincide (OU's law stays Gaussian) make the march's least-squares
         system singular, and a 1-D OU fit with K = 3 took thousands of steps; where one
-        Gaussian suffices it is also the most accurate (measured: README § Calibration)."""
+        Gaussian suffices it is also the most accurate (measured: docs/calibration.md)."""
         values = {k: v.detach() for k, v in values.items()}
         self.use_components(1)
         residual = math.inf

@@ -11,6 +11,7 @@ approximate likelihoods are judged against.
 
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Mapping
 
 import numpy as np
@@ -146,7 +147,10 @@ def exact_mle(kind: str, x0: np.ndarray, x1: np.ndarray, dt: np.ndarray,
 
     p0 = np.array([float(start[n]) for n in names])
     u0 = np.where(is_pos, np.log(np.where(is_pos, p0, 1.0)), p0)
-    first = scipy.optimize.minimize(lambda u: nll_natural(to_natural(u)), u0, method="L-BFGS-B")
+    with warnings.catch_warnings():  # +∞ at an infeasible trial point: inf − inf in scipy's
+        warnings.simplefilter("ignore", RuntimeWarning)  # finite differences, an expected NaN
+        first = scipy.optimize.minimize(lambda u: nll_natural(to_natural(u)), u0,
+                                        method="L-BFGS-B")
     best = scipy.optimize.minimize(lambda u: nll_natural(to_natural(u)), first.x,
                                    method="Nelder-Mead",
                                    options={"xatol": 1e-10, "fatol": 1e-10, "maxiter": 20000})

@@ -561,7 +561,39 @@ def ljung_box(z: np.ndarray, lags: int) -> float:
     return float(chi2.sf(q, lags))
 
 
-def _verdict(result: fitting.FitResult, pit: np.ndarray) -> dict[str, Any]:
+#: χ²₁'s 95 % quantile over 2: a profile log L within this of its maximum is inside the 95 %
+#: profile interval
+PROFILE_95 = 1.920729410347062
+
+
+def _identification(result: fitting.FitResult, diagnostics: dict[str, np.ndarray]) -> dict:
+    """Parameters the data identify poorly, read off the profiles: where log L has not fallen
+    by χ²₁(95 %)/2 at the profile's end (± fit.profile_width SE, or the domain's edge), the
+    95 % profile interval reaches beyond it and the Wald interval is too short; and a profile
+    that rises above the fit's log L (the fit is not at a maximum)."""
+    if "profile_loglik" not in diagnostics:
+        return {}
+    grid, loglik = diagnostics["profile_grid"], diagnostics["profile_loglik"]
+    out = {}
+    for i, name in enumerate(result.names):
+        ll, xs = loglik[i], grid[i]
+        if not np.isfinite(ll).any():
+            continue
+        est, se = result.estimates[i], result.se[i]
+        reach = np.abs(xs[[0, -1]] - est) / se if se > 0 else np.zeros(2)
+        sides = []
+        for k, side in ((0, "below"), (-1, "above")):
+            if math.isfinite(ll[k]) and result.loglik - ll[k] < PROFILE_95:
+                edge = reach[k] < 0.99 * reach.max()  # the profile stopped at the domain's edge
+                sides.append({"side": side, "to": float(xs[k]), "domain_edge": bool(edge)})
+        rises = float(np.nanmax(ll) - result.loglik)
+        if sides or rises > 0.05:
+            out[name] = {"flat": sides, "rises_above_fit": rises}
+    return out
+
+
+def _verdict(result: fitting.FitResult, pit: np.ndarray,
+             diagnostics: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
     """What the fit says, in words: whether it converged, whether the probability integral
     transform rejects the model (Kolmogorov–Smirnov: uniform; Ljung–Box on its normal scores
     and their squares: independent), and which parameters' sandwich SEs exceed the observed
@@ -604,8 +636,51 @@ def _verdict(result: fitting.FitResult, pit: np.ndarray) -> dict[str, Any]:
         lines.append("Sandwich SEs exceed the observed ones by more than "
                      f"{SANDWICH_RATIO:g}× for " + ", ".join(f"{n} ({ratios[n]:.1f}×)" for n in wide)
                      + ": the model's noise is misspecified there; quote the sandwich SEs.")
+    weak = _identification(result, diagnostics or {})
+    for name, what in weak.items():
+        for flat in what["flat"]:
+            where = (f"{flat['side']} to {flat['to']:.4g}, near the edge of its domain: the data do "
+                     f"not bound {name} away from it" if flat["domain_edge"] else
+                     f"{flat['side']} to {flat['to']:.4g}: its 95% profile interval is wider than "
+                     "the Wald interval")
+            lines.append(f"{name} is poorly identified: its profile log L stays within "
+                         f"{PROFILE_95:.2f} of the maximum {where}; quote the profile interval "
+                         "(profiles.png).")
+        if what["rises_above_fit"] > 0.05:
+            lines.append(f"{name}'s profile rises {what['rises_above_fit']:.2g} above the fit's "
+                         "log L: the fit is not at a maximum (profiles.png).")
     return {**tests, "rejected_at": REJECT_AT if rejected else None, "rejected_by": rejected,
-            "sandwich_over_observed": ratios, "lines": lines}
+            "sandwich_over_observed": ratios, "poorly_identified": weak, "lines": lines}
+
+
+#: a bias-correction this large against its estimate is not first-order small: the estimator's
+#: law is far from normal there, and 2θ̂ − mean θ̂* is no better than θ̂
+BIAS_OVER_ESTIMATE = 0.5
+
+
+def _bootstrap_caveats(result: fitting.FitResult, correction: dict[str, Any]) -> list[str]:
+    """Lines for the verdict where the bootstrap's correction should not be trusted: a bias of
+    the order of the estimate, a correction made in the fitter's coordinates because the
+    natural one left the domain, or a bias within the Monte Carlo noise of B refits."""
+    if not correction or not correction.get("estimates"):
+        return []
+    lines = []
+    for name, est in zip(result.names, result.estimates):
+        bias = correction["bias"][name]
+        noise = correction["bias_mc_se"].get(name)
+        if name in correction.get("corrected_in_fit_coordinates", []) \
+                or abs(bias) > BIAS_OVER_ESTIMATE * abs(est):
+            lines.append(f"The bootstrap's bias for {name} ({bias:+.3g}) is "
+                         f"{abs(bias) / max(abs(est), 1e-300):.1f}× the estimate ({est:.3g})"
+                         + (", so the correction was made in the fitter's coordinate"
+                            if name in correction.get("corrected_in_fit_coordinates", []) else "")
+                         + f": the corrected {name} is unreliable; quote the estimate with its "
+                         "profile interval.")
+        elif noise is not None and math.isfinite(noise) and abs(bias) < 2 * noise:
+            lines.append(f"The bootstrap's bias for {name} ({bias:+.3g}) is within twice its "
+                         f"Monte Carlo error ({noise:.2g}): more sets (fit.bootstrap_sets) would "
+                         "tell it from noise.")
+    return lines
 
 
 def _diagnostics(problem: Problem, density: TransitionDensity,
@@ -742,7 +817,7 @@ def check(cfg: DictConfig) -> None:
     """Every input check, before anything is written."""
     if OmegaConf.is_missing(cfg.data, "path") or not cfg.data.path:
         raise UserError("calibrate needs data=PATH: a CSV with a 'time' (years) or 'date' column "
-                        "and one column per state variable, or an .npz (README § Your own data)")
+                        "and one column per state variable, or an .npz (README § Calibrate an SDE to your own data)")
     check_choice("fit.start_from", cfg.fit.start_from, START_FROM)
     for name in cfg.fit.baselines:
         check_choice("fit.baselines", name, BASELINES)
@@ -893,9 +968,11 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     result.notes.update(_robust(problem, density, result))
     if "exact" in baselines:
         result.notes["density_error"] = _density_error(problem, diagnostics, result)
-    result.notes["verdict"] = _verdict(result, diagnostics["pit"])
+    result.notes["verdict"] = _verdict(result, diagnostics["pit"], diagnostics)
     if cfg.fit.bootstrap_sets:
         result.notes["bias_correction"] = _bootstrap(problem, result, density)
+        result.notes["verdict"]["lines"] += _bootstrap_caveats(
+            result, result.notes["bias_correction"])
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **diagnostics)
     atomic_write(run.path / "diagnostics.npz", lambda h: h.write(buffer.getvalue()))
