@@ -329,11 +329,22 @@ def _start(problem: Problem, baselines: dict[str, dict]
             failures.append(f"{name} {np.round(theta, 6).tolist()}")
             continue
         if components > 1:
-            residual = density.gaussian_residual
-            log.info("%d mixture component%s: one Gaussian's march residual %s %s "
-                     "fit.pde.gaussian_residual=%g", chosen, "" if chosen == 1 else "s",
-                     "—" if residual is None else f"{residual:.2g}",
-                     "≤" if chosen == 1 else ">", problem.cfg.fit.pde.gaussian_residual)
+            residual, scores = density.gaussian_residual, density.component_logliks
+            if scores is not None:
+                log.info("%d mixture component%s: one Gaussian's march residual %.2g > "
+                         "fit.pde.gaussian_residual=%g; at the start %d components take %d steps "
+                         "against one Gaussian's %d, and the data's log L is %.3f against %.3f%s",
+                         chosen, "" if chosen == 1 else "s", residual,
+                         problem.cfg.fit.pde.gaussian_residual, components,
+                         scores[f"steps_{components}"], scores["steps_1"],
+                         scores[str(components)], scores["1"],
+                         " (the mixture loses where the data are: one Gaussian kept)"
+                         if chosen == 1 else "")
+            else:
+                log.info("%d mixture component%s: one Gaussian's march residual %s %s "
+                         "fit.pde.gaussian_residual=%g", chosen, "" if chosen == 1 else "s",
+                         "—" if residual is None else f"{residual:.2g}",
+                         "≤" if chosen == 1 else ">", problem.cfg.fit.pde.gaussian_residual)
         log.info("time-march: %d steps to Δt = %.4g, replayed for every θ", steps,
                  density.t_final)
         return theta, hinv, name, density
@@ -434,6 +445,7 @@ def _fit_pde(problem: Problem, run: RunDir, start: np.ndarray, hinv0: np.ndarray
                     "steps_rechosen_during_fit": rechosen,
                     "components": density.mixture.components,
                     "gaussian_residual": density.gaussian_residual,
+                    "start_loglik_by_components": density.component_logliks,
                     # the Box–Cox power of each coordinate at the start (0: log; CEV's 1 − γ
                     # follows γ during the fit)
                     "march_coordinates": {str(i): float(a) for i, a in density.powers.items()},
