@@ -59,7 +59,12 @@ def test_a_dated_csv_with_a_label_column_and_gaps(tmp_path: Path):
                       "hydra.run.dir=run"], tmp_path)
     assert result.returncode == 0, result.stderr
     run = tmp_path / "run"
-    first = (run / "calibrate.log").read_text().splitlines()[0]
+    log = (run / "calibrate.log").read_text()
+    first = log.splitlines()[0]
+    # no silence after the last iteration: each stage says what it computes
+    for stage in ("the optimum found after", "standard errors: the observed information from 6 "
+                  "gradients", "diagnostics: the PIT", "sandwich standard errors"):
+        assert stage in log, stage
     assert "dates in column 'Date' → years by calendar days / 365.25" in first
     assert "2019-01-01 … " in first
     fit = json.loads((run / "fit.json").read_text())
