@@ -768,7 +768,7 @@ def _profiles(problem: Problem, density: TransitionDensity,
                                                              False).sum())
             except (RuntimeError, ArithmeticError):  # a θ the march cannot cross: a gap
                 loglik[i, k] = np.nan
-            density.step_times = list(fitted_steps)
+        density.step_times = list(fitted_steps)  # neighbours share steps; the next line starts over
     return {"profile_names": np.array(problem.names), "profile_grid": grid,
             "profile_loglik": loglik}
 
