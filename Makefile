@@ -26,8 +26,9 @@ install: $(VENV)/.installed
 demo: install
 	$(BIN)/neuralpde solve device=cpu
 
+# two workers: the suite is mostly subprocesses of one torch thread each (tests/conftest.py)
 test: install
-	$(BIN)/python -m pytest -q -m "not slow" --durations=25 tests
+	$(BIN)/python -m pytest -q -n 2 -m "not slow" --durations=25 tests
 
 test-all: install
 	$(BIN)/python -m pytest -q tests
