@@ -335,7 +335,7 @@ def neuralpde_row(method: str, setting: str, overrides: list[str], device: str, 
 class Column:
     key: str
     header: str
-    #: time | error | int | text | by_t (a dict t → error)
+    #: time | error | int | pct | text | by_t (a dict t → error)
     kind: str = "time"
 
 
@@ -371,6 +371,8 @@ def fmt(value: Any, kind: str) -> str:
         return f"{value:.1e}"
     if kind == "ratio":
         return f"×{value:.3g}"
+    if kind == "pct":
+        return f"{value:.0%}"
     if kind == "by_t":
         return " ".join(f"{t}:{e:.0e}" for t, e in value.items())
     return str(value)
