@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ TIME_NAMES = ("time", "date", "datetime", "timestamp", "t", "day", "dates")
 #: cells read as a missing value (case-insensitive; '.' is FRED's)
 MISSING_TOKENS = frozenset({"", "na", "nan", "n/a", "#n/a", "null", "none", ".", "-"})
 CALENDAR_DAYS, TRADING_DAYS = 365.25, 252
+_DECIMAL_COMMA = re.compile(r"^([-+]?\d+),(\d+)$")
 
 
 @dataclass
@@ -107,6 +109,8 @@ class Observations:
     time_note: str = ""
     #: CSV lines skipped for a missing value (data.missing=skip)
     skipped_lines: list[int] = field(default_factory=list)
+    #: the time column's name in the file (messages point at it)
+    time_column: str = "time"
 
     def __post_init__(self) -> None:
         self.time = np.asarray(self.time, dtype=float).reshape(-1)
@@ -160,7 +164,8 @@ def read_observations(path: str | Path, dim: int | None = None,
     time, state, paths, names, lines, extra = (_read_csv if suffix == ".csv" else _read_npz)(
         file, name, options)
     obs = Observations(time, state, paths, names, name, lines, extra.get("dates"),
-                       extra.get("time_note", ""), extra.get("skipped_lines", []))
+                       extra.get("time_note", ""), extra.get("skipped_lines", []),
+                       extra.get("time_column", "time"))
     _check(obs, dim)
     return obs
 
@@ -217,6 +222,8 @@ def _read_csv(file: Path, name: str, options: DataConfig) -> tuple[Any, ...]:
         raise UserError(f"data file {name}: no state column; the header {header} needs one column "
                         f"per state variable beside {time_name!r} (and the optional 'path')")
     cells = [[c.strip() for c in row] for _, row in rows]
+    if delimiter != ",":  # a ';' file from a spreadsheet writes decimal commas: 1,5 is 1.5
+        cells = [[_DECIMAL_COMMA.sub(r"\1.\2", c) for c in row] for row in cells]
     used = [col[h] for h in states] + ([col["path"]] if "path" in col else [])
     # a missing value: refused where it is, or its observation skipped (the transition then
     # spans the gap with its own Δt)
@@ -280,6 +287,17 @@ def _time_column(header: list[str], name: str, delimiter: str) -> str:
                     "(dates such as 2020-01-31), e.g. 'date,rate'")
 
 
+def _parse_date(cell: str, date_format: str | None) -> np.datetime64:
+    """A date or date-time: ISO 8601 (Python's fromisoformat: '2020-01-31', '2020-01-31
+    16:00', '2020-01-31T16:00:00-05:00'; an offset is converted to UTC) or ``date_format``."""
+    from datetime import datetime, timezone
+
+    moment = datetime.strptime(cell, date_format) if date_format else datetime.fromisoformat(cell)
+    if moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return np.datetime64(moment, "s")
+
+
 def _times(cells: list[str], column: str, options: DataConfig, where: Any
            ) -> tuple[np.ndarray, np.ndarray | None, str]:
     """Observation times in years: numbers as given, or dates converted by the day count
@@ -298,11 +316,7 @@ def _times(cells: list[str], column: str, options: DataConfig, where: Any
     dates = np.empty(len(cells), dtype="datetime64[s]")
     for i, cell in enumerate(cells):
         try:
-            if options.date_format:
-                from datetime import datetime
-                dates[i] = np.datetime64(datetime.strptime(cell, options.date_format), "s")
-            else:
-                dates[i] = np.datetime64(cell.replace(" ", "T", 1) if len(cell) > 10 else cell, "s")
+            dates[i] = _parse_date(cell, options.date_format)
         except ValueError:
             fmt = f"the format data.date_format={options.date_format!r}" if options.date_format \
                 else "a number or an ISO date (2020-01-31)"
@@ -406,8 +420,9 @@ def _check(obs: Observations, dim: int | None) -> None:
     _finite(obs.state, obs.state_names, where)
     if dim is not None and obs.dim != dim:
         raise UserError(f"data file {obs.source} has {obs.dim} state column(s) "
-                        f"{obs.state_names} but equation.dim={dim}: set equation.dim={obs.dim}, "
-                        f"or give the file {dim} state column(s) beside time and path")
+                        f"{obs.state_names} but equation.dim={dim}: choose {dim} of them with "
+                        f"data.columns=[{','.join(obs.state_names[-dim:])}] (for instance), or "
+                        f"set equation.dim={obs.dim}")
     order = np.argsort(obs.path, kind="stable")
     same = obs.path[order][1:] == obs.path[order][:-1]
     step = obs.time[order][1:] - obs.time[order][:-1]
@@ -416,8 +431,10 @@ def _check(obs: Observations, dim: int | None) -> None:
         k = int(np.argmax(bad))
         prev, row = int(order[k]), int(order[k + 1])
         place = obs.where(prev)[len(obs.source) + 1:]
-        raise UserError(f"{where(row)}, column time: {obs.time[row]:g} is not after "
-                        f"{obs.time[prev]:g} ({place}) of path "
+        shown = (lambda i: str(obs.dates[i])) if obs.dates is not None else \
+            (lambda i: f"{obs.time[i]:g}")
+        raise UserError(f"{where(row)}, column {obs.time_column}: {shown(row)} is not after "
+                        f"{shown(prev)} ({place}) of path "
                         f"{obs.path[row]}; times must increase strictly within a path")
     if not same.any():
         raise UserError(f"data file {obs.source} has no transition: every path has a single "

@@ -171,6 +171,29 @@ def test_dates_become_years_by_the_stated_day_count(tmp_path: Path) -> None:
                           options=DataConfig(time="trading"))
 
 
+def test_spreadsheet_exports_read_as_written(tmp_path: Path) -> None:
+    """A ';' file with decimal commas, date-times with a UTC offset, and a price download's
+    many columns (the error says which key picks one)."""
+    obs = read_observations(_csv(tmp_path, "date;rate\n2024-03-01;1,5\n2024-03-04;-0,25\n", "s.csv"))
+    np.testing.assert_array_equal(obs.state[:, 0], [1.5, -0.25])
+    stamped = read_observations(_csv(tmp_path, "timestamp,x\n2024-03-01 16:00:00-05:00,1\n"
+                                     "2024-03-01T23:00:00+01:00,2\n", "z.csv"))
+    assert [str(d) for d in stamped.dates] == ["2024-03-01T21:00:00", "2024-03-01T22:00:00"]
+    assert np.diff(stamped.time)[0] * 365.25 * 24 == pytest.approx(1.0)
+    with pytest.raises(UserError, match=r"z2.csv line 3, column timestamp: 2024-03-01T21:00:00 is "
+                                        r"not after 2024-03-01T21:00:00 \(line 2\)"):
+        read_observations(_csv(tmp_path, "timestamp,x\n2024-03-01 16:00:00-05:00,1\n"
+                                         "2024-03-01T22:00:00+01:00,2\n", "z2.csv"))
+    yahoo = "Date,Open,High,Low,Close,Volume\n2024-03-01,1,2,0.5,1.5,100\n2024-03-04,1,2,0.5,1.6,90\n"
+    with pytest.raises(UserError, match=r"has 5 state column\(s\) \['Open', 'High', 'Low', 'Close', "
+                                        r"'Volume'\] but equation.dim=1: choose 1 of them with "
+                                        r"data.columns=\[Volume\] \(for instance\)"):
+        read_observations(_csv(tmp_path, yahoo, "y.csv"), dim=1)
+    close = read_observations(_csv(tmp_path, yahoo, "y.csv"), dim=1,
+                              options=DataConfig(columns=["Close"]))
+    np.testing.assert_array_equal(close.state[:, 0], [1.5, 1.6])
+
+
 def test_columns_by_name_and_missing_values_skipped_or_refused(tmp_path: Path) -> None:
     text = ("date,ticker,vix,volume\n2024-03-01,VIX,13.1,5\n2024-03-04,VIX,NA,6\n"
             "2024-03-05,VIX,14.2,.\n2024-03-06,VIX,15.0,7\n")
