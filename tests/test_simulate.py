@@ -320,3 +320,15 @@ def test_bad_data_through_calibrate_cli(cli, tmp_path: Path) -> None:
         assert out.returncode == 2, out.stderr[-2000:]
         lines = [line for line in out.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and re.search(message, lines[0]), out.stderr
+
+
+def test_every_kind_is_one_family_with_its_parameter_keys() -> None:
+    """sdes/build.py's table: each kind but custom has a family constructor and its keys, and
+    each builds from the config's defaults (custom needs callables)."""
+    import torch
+
+    from neuralpde_cli.sdes import FAMILIES, KINDS, PARAMETER_KEYS, SDEConfig, build_sde
+    assert set(KINDS) == set(FAMILIES) | {"custom"} == set(PARAMETER_KEYS)
+    for kind in FAMILIES:
+        sde = build_sde(SDEConfig(kind=kind), 2, torch.float64, torch.device("cpu"))  # the defaults' dim
+        assert sde.dim == 2, kind
