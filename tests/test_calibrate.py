@@ -69,6 +69,8 @@ def test_bootstrap_bias_correction_is_recorded_with_its_refits(fitted: Path):
     fit = json.loads((fitted / "fit.json").read_text())
     boot = fit["bias_correction"]
     assert boot["refits"] == 3 and boot["failed"] == 0
+    log = (fitted / "calibrate.log").read_text()  # its progress in the file, not only a terminal
+    assert all(f"bootstrap set {k} of 3: theta " in log for k in (1, 2, 3))
     reps = np.array(boot["replicates"])
     assert reps.shape == (3, 3) and len({tuple(r) for r in reps.tolist()}) == 3
     for i, name in enumerate(fit["names"]):
