@@ -166,3 +166,25 @@ def test_a_collapsed_or_unidentified_baseline_is_no_start():
     assert "collapsed" in _unsound(problem, entry(7e-16, 0.05))
     assert "no finite standard error" in _unsound(problem, entry(0.05, math.nan))
     assert _unsound(problem, entry(0.05, 0.05, converged=False)) == "did not converge"
+
+
+def test_a_run_from_before_the_data_group_resumes(fitted: Path, tmp_path: Path):
+    """Run directories written when the config held `data: PATH` (before data.path, data.time,
+    …) still resume: the saved path becomes data.path."""
+    import shutil
+
+    import yaml
+
+    old = tmp_path / "old"
+    shutil.copytree(fitted, old)
+    config = old / ".hydra" / "config.yaml"
+    saved = yaml.safe_load(config.read_text())
+    saved["data"] = saved["data"]["path"]
+    config.write_text(yaml.safe_dump(saved))
+    resumed = run_cli(["calibrate", f"resume={old}"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr
+    a = json.loads((old / "fit.json").read_text())
+    b = json.loads((fitted / "fit.json").read_text())
+    assert a["data"]["path"] == b["data"]["path"]
+    for name in b["estimates"]:
+        assert abs(a["estimates"][name] - b["estimates"][name]) < 1e-9 * max(1.0, abs(b["estimates"][name]))
