@@ -77,5 +77,11 @@ def test_the_verdict_and_the_report_compare_cir_and_cev(fits):
     lr = 2 * (fits_["cev"]["loglik"] - fits_["cir"]["loglik"])
     assert f"cir against cev (gamma = 1/2): LR = {lr:.2f}" in result.stdout
     assert "…" not in result.stdout and "rejected at 1% (KS p=" in result.stdout
+    import csv
+    with (root / "report" / "runs.csv").open() as handle:  # what a script reads
+        table_rows = {r["run"]: r for r in csv.DictReader(handle)}
+    for kind in ("cir", "cev"):
+        assert float(table_rows[kind]["aic"]) == pytest.approx(fits_[kind]["aic"])
+        assert float(table_rows[kind]["loglik"]) == pytest.approx(fits_[kind]["loglik"])
     md = (root / "report" / "report.md").read_text()
     assert f"best by AIC is **{order[0]}**" in md and "ΔAIC" in md

@@ -20,6 +20,8 @@ from neuralpde_cli.run.rundir import RunLock, read_metrics
 
 #: the final errors a table shows, in this order, when some run has them
 ERRORS = ("rel_l2_error", "rel_l2_log_error", "cov_rel_error", "l1_error", "rel_residual")
+#: a calibrate run's figures, in runs.csv beside the errors when some run has them
+FIT_METRICS = ("loglik", "aic", "bic")
 #: runs drawn on one loss plot at most (the best by the first error)
 MAX_CURVES = 12
 
@@ -130,7 +132,7 @@ def error_metric(runs: list[Run], wanted: str | None) -> str | None:
 def rows(runs: list[Run], metric: str | None) -> tuple[list[str], list[dict[str, Any]]]:
     """The table: run, status, each swept override, the errors, wall time, steps, ranks, error."""
     keys = swept_keys(runs)
-    errors = [m for m in ERRORS if any(r.error(m) is not None for r in runs)]
+    errors = [m for m in ERRORS + FIT_METRICS if any(r.error(m) is not None for r in runs)]
     if metric is not None and metric not in errors:
         errors.insert(0, metric)
     table = []
