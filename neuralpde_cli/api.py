@@ -50,9 +50,14 @@ class CalibrationResult:
             summary = json.loads((run_dir / "summary.json").read_text())
         except (OSError, ValueError) as exc:
             raise UserError(f"{run_dir} holds no finished calibration ({exc})") from None
-        return cls(run_dir=run_dir, sde=str(summary.get("sde")), estimates=fit["estimates"],
-                   se=fit["se"], loglik=float(fit["loglik"]), aic=float(fit["aic"]),
-                   bic=float(fit["bic"]), converged=bool(fit["converged"]),
+        def number(value: Any) -> float:  # JSON null: a NaN written by jsonable
+            return float(value) if isinstance(value, (int, float)) else math.nan
+
+        return cls(run_dir=run_dir, sde=str(summary.get("sde")),
+                   estimates={k: number(v) for k, v in fit["estimates"].items()},
+                   se={k: number(v) for k, v in fit["se"].items()}, loglik=number(fit["loglik"]),
+                   aic=number(fit.get("aic")), bic=number(fit.get("bic")),
+                   converged=bool(fit["converged"]),
                    n_transitions=int(fit["n_transitions"]), verdict=fit.get("verdict") or {},
                    baselines=fit.get("baselines") or {}, se_sandwich=fit.get("se_sandwich"),
                    bias_corrected=(fit.get("bias_correction") or {}).get("estimates"), fit=fit)
@@ -127,19 +132,22 @@ def calibrate(data: Any, sde: str = "ou", *, dt: float | None = None,
 
     out = Path(run_dir) if run_dir is not None else \
         Path("outputs") / "api" / time.strftime("%Y-%m-%d") / time.strftime("%H-%M-%S")
+    columns = None if columns is None else [str(c) for c in columns]
+    params = None if params is None else [str(p) for p in params]
+    extra = [f"{k}={_hydra_value(v)}" for k, v in overrides.items()] \
+        if isinstance(overrides, Mapping) else list(overrides)
     lock = RunLock.claim(out, unique=run_dir is None, what=f"run_dir={out}")
     try:
         folder = lock.folder
         path, dim = _data_file(data, folder, dt, columns)
-        keys = [f"data.path={path}", f"equation.sde.kind={sde}"]
-        if dim is not None:
+        keys = [f"data.path={_quoted(path)}", f"equation.sde.kind={sde}"]
+        if dim is not None and not any(k.startswith(("data.", "equation.dim")) for k in extra):
             keys.append(f"equation.dim={dim}")
         if columns is not None:
-            keys.append(f"data.columns=[{','.join(columns)}]")
+            keys.append(f"data.columns={_hydra_value(columns)}")
         if params is not None:
-            keys.append(f"fit.params=[{','.join(params)}]")
-        keys += [f"{k}={_hydra_value(v)}" for k, v in overrides.items()] \
-            if isinstance(overrides, Mapping) else list(overrides)
+            keys.append(f"fit.params={_hydra_value(params)}")
+        keys += extra
         task.register()
         try:
             with initialize_config_dir(version_base="1.3", config_dir=config_dir(),
@@ -149,18 +157,35 @@ def calibrate(data: Any, sde: str = "ou", *, dt: float | None = None,
             raise UserError(f"calibrate({sde!r}): {str(exc).splitlines()[0]}") from None
         check_config(cfg)
         task.check(cfg)
+        run = RunDir(folder)
         with _log_to(folder / "calibrate.log"), _threads(1), \
                 contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext():
-            task.calibrate(cfg, RunDir(folder))
+            try:
+                task.calibrate(cfg, run)
+            except BaseException as exc:  # the run directory says so, as the CLI's does
+                from neuralpde_cli.tasks.common import mark
+                mark(run, "interrupted" if isinstance(exc, KeyboardInterrupt) else "failed",
+                     str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+                raise
     finally:
         lock.release()
     return CalibrationResult.from_run(folder)
 
 
 def _hydra_value(value: Any) -> str:
+    """A Python value as a Hydra override's value: strings quoted (a path or a column name
+    with spaces, commas, brackets or '=' stays one string, never a sweep)."""
     if isinstance(value, (list, tuple)):
         return "[" + ",".join(_hydra_value(v) for v in value) + "]"
-    return "null" if value is None else str(value)
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value) if isinstance(value, (int, float)) else _quoted(str(value))
+
+
+def _quoted(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _data_file(data: Any, folder: Path, dt: float | None, columns: Iterable[str] | None
@@ -175,18 +200,20 @@ def _data_file(data: Any, folder: Path, dt: float | None, columns: Iterable[str]
                             "dt is for arrays")
         return str(Path(data).expanduser().resolve()), _file_dim(Path(data), columns)
     if hasattr(data, "to_csv") and hasattr(data, "columns"):  # a pandas DataFrame
+        from neuralpde_cli.data import TIME_NAMES
         frame = data
         dated = getattr(frame.index, "inferred_type", "") in ("datetime64", "date")
+        timed = str(frame.index.name).lower() in TIME_NAMES  # set_index('time'): keep it
         if dated:
             frame = frame.copy()
             frame.index.name = "date"
-        elif dt is not None:
+        elif dt is not None and not timed:
             frame = frame.copy()
             frame.insert(0, "time", np.arange(len(frame)) * float(dt))
         path = folder / "data.csv"
-        frame.to_csv(path, index=dated)
+        frame.to_csv(path, index=dated or timed)
         names = list(columns) if columns is not None else \
-            [c for c in frame.columns if str(c).lower() not in ("time", "date", "path")]
+            [c for c in frame.columns if str(c).lower() not in (*TIME_NAMES, "path")]
         return str(path.resolve()), len(names)
     array = np.asarray(data, dtype=float)
     if array.ndim not in (1, 2) or array.shape[0] < 2:

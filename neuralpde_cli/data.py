@@ -287,15 +287,18 @@ def _time_column(header: list[str], name: str, delimiter: str) -> str:
                     "(dates such as 2020-01-31), e.g. 'date,rate'")
 
 
-def _parse_date(cell: str, date_format: str | None) -> np.datetime64:
+def _parse_date(cell: str, date_format: str | None) -> tuple[np.datetime64, np.datetime64]:
     """A date or date-time: ISO 8601 (Python's fromisoformat: '2020-01-31', '2020-01-31
-    16:00', '2020-01-31T16:00:00-05:00'; an offset is converted to UTC) or ``date_format``."""
+    16:00', '2020-01-31T16:00:00-05:00') or ``date_format``. Returns the moment in UTC (an
+    offset converted) and the local calendar day (what a business-day count reads: a Monday
+    midnight in Berlin is a Monday, not Sunday 23:00 UTC)."""
     from datetime import datetime, timezone
 
     moment = datetime.strptime(cell, date_format) if date_format else datetime.fromisoformat(cell)
+    day = np.datetime64(moment.date(), "D")
     if moment.tzinfo is not None:
         moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
-    return np.datetime64(moment, "s")
+    return np.datetime64(moment, "s"), day
 
 
 def _times(cells: list[str], column: str, options: DataConfig, where: Any
@@ -314,9 +317,10 @@ def _times(cells: list[str], column: str, options: DataConfig, where: Any
         raise UserError(f"{where(bad)}, column {column}: {cells[bad]!r} is not a number "
                         "(data.time=years); for dates use data.time=calendar or trading")
     dates = np.empty(len(cells), dtype="datetime64[s]")
+    local_days = np.empty(len(cells), dtype="datetime64[D]")
     for i, cell in enumerate(cells):
         try:
-            dates[i] = _parse_date(cell, options.date_format)
+            dates[i], local_days[i] = _parse_date(cell, options.date_format)
         except ValueError:
             fmt = f"the format data.date_format={options.date_format!r}" if options.date_format \
                 else "a number or an ISO date (2020-01-31)"
@@ -330,7 +334,7 @@ def _times(cells: list[str], column: str, options: DataConfig, where: Any
                 f"(data.time=calendar{', the default' if options.time == 'auto' else ''}; "
                 f"data.time=trading counts business days / {TRADING_DAYS})")
     else:
-        day = dates.astype("datetime64[D]")
+        day = local_days
         weekend = np.flatnonzero(~np.is_busday(day))
         if weekend.size:
             raise UserError(f"{where(int(weekend[0]))}, column {column}: {day[weekend[0]]} is a "

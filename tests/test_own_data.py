@@ -208,3 +208,42 @@ def test_calibrate_from_a_dataframe_with_a_date_index(tmp_path: Path):
                                      quiet=True)
     assert result.n_transitions == 299 and result.fit["data"]["first"] == "2019-01-01"
     _close_to_exact(result.fit)
+
+
+def test_a_fixed_matrix_entry_stays_as_typed_when_others_start_from_the_data():
+    """fit.params names some entries: the VAR(1) start replaces those, never a value the
+    user holds fixed; a matrix not typed at all (wrong shape) is replaced whole."""
+    from neuralpde_cli.data import Observations
+    from neuralpde_cli.sdes import SDEConfig
+    from neuralpde_cli.tasks.calibrate import _data_start
+
+    rng = np.random.default_rng(6)
+    x = np.zeros((301, 2))
+    for k in range(300):
+        x[k + 1] = 0.8 * x[k] + 0.3 * rng.standard_normal(2)
+    obs = Observations(np.arange(301) * 0.25, x, np.zeros(301))
+    cfg = SDEConfig(kind="ou", theta=[[1.0]], mean=[0.0, 0.0], sigma=[[0.2, 0.0], [0.0, 0.3]])
+    fitted = ["theta[0][0]", "theta[0][1]", "theta[1][0]", "theta[1][1]", "mean[0]", "mean[1]"]
+    assert _data_start(cfg, 2, obs, "baseline", fitted)
+    assert cfg.sigma == [[0.2, 0.0], [0.0, 0.3]]  # held fixed: as typed
+    assert np.shape(cfg.theta) == (2, 2) and abs(cfg.theta[0][0] - 0.89) < 0.3  # −log 0.8 / 0.25
+    assert cfg.mean != [0.0, 0.0]
+
+
+def test_report_reads_a_fit_with_nan_standard_errors(tmp_path: Path):
+    """fit.json writes NaN as null (a fit that did not converge): report and the Python
+    result read it as NaN, never a TypeError."""
+    from neuralpde_cli.api import CalibrationResult
+
+    run = tmp_path / "runs" / "0"
+    run.mkdir(parents=True)
+    (run / "summary.json").write_text(json.dumps({"status": "completed", "command": "calibrate",
+                                                  "sde": "cir"}))
+    (run / "fit.json").write_text(json.dumps({
+        "names": ["rate"], "estimates": {"rate": 0.1}, "se": {"rate": None}, "loglik": -5.0,
+        "aic": 12.0, "bic": None, "converged": False, "n_transitions": 9,
+        "verdict": {"lines": ["The fit did NOT converge"]}, "data": {"path": "d.csv"}}))
+    result = run_cli(["report", "runs"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "rate 0.1 (nan)" in result.stdout and "not converged" in result.stdout
+    assert "nan" in CalibrationResult.from_run(run).summary()

@@ -180,6 +180,10 @@ def test_spreadsheet_exports_read_as_written(tmp_path: Path) -> None:
                                      "2024-03-01T23:00:00+01:00,2\n", "z.csv"))
     assert [str(d) for d in stamped.dates] == ["2024-03-01T21:00:00", "2024-03-01T22:00:00"]
     assert np.diff(stamped.time)[0] * 365.25 * 24 == pytest.approx(1.0)
+    berlin = read_observations(_csv(tmp_path, "date,x\n2024-01-05 00:00:00+01:00,1\n"
+                                    "2024-01-08 00:00:00+01:00,2\n", "b.csv"),
+                               options=DataConfig(time="trading"))  # Friday → Monday, local days
+    assert np.diff(berlin.time)[0] * 252 == pytest.approx(1.0)
     with pytest.raises(UserError, match=r"z2.csv line 3, column timestamp: 2024-03-01T21:00:00 is "
                                         r"not after 2024-03-01T21:00:00 \(line 2\)"):
         read_observations(_csv(tmp_path, "timestamp,x\n2024-03-01 16:00:00-05:00,1\n"

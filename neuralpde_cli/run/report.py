@@ -364,8 +364,7 @@ def export_tensorboard(runs: list[Run], out: Path, metric: str | None) -> Path:
 # --- calibrate runs: a model comparison -------------------------------------------------------
 #: (smaller kind, larger kind, the larger kind's restriction that gives the smaller, df,
 #: whether the restriction sits on the boundary of the larger kind's parameter space)
-NESTED = (("cir", "cev", "gamma = 1/2", 1, False), ("ou", "cev", "gamma = 0", 1, True),
-          ("brownian", "ou", "theta = 0", 1, True))
+NESTED = (("cir", "cev", "gamma = 1/2", 1, False), ("ou", "cev", "gamma = 0", 1, True))
 
 
 @dataclass
@@ -409,17 +408,27 @@ def calibrations(runs: list[Run]) -> list[Calibration]:
         if "loglik" not in fit or "estimates" not in fit:
             continue
         names = list(fit.get("names") or fit["estimates"])
-        data = str((fit.get("data") or {}).get("path") or r.summary.get("data") or "")
-        out.append(Calibration(
+        read = fit.get("data") or {}
+        data = str(read.get("path") or r.summary.get("data") or "")
+        columns = read.get("columns")
+        if columns:
+            data += f" [{', '.join(map(str, columns))}]"
+        estimates = fit["estimates"] if isinstance(fit["estimates"], dict) \
+            else dict(zip(names, fit["estimates"]))
+        se = fit.get("se") if isinstance(fit.get("se"), dict) \
+            else dict(zip(names, fit.get("se") or []))
+        out.append(Calibration(  # JSON null (a NaN written by jsonable) reads as NaN
             run=r, sde=str(r.summary.get("sde", "?")), data=data,
-            n=int(fit.get("n_transitions", 0)), k=len(names), loglik=float(fit["loglik"]),
-            aic=float(fit.get("aic", math.nan)), bic=float(fit.get("bic", math.nan)),
+            n=int(fit.get("n_transitions", 0)), k=len(names), loglik=_number(fit["loglik"]),
+            aic=_number(fit.get("aic")), bic=_number(fit.get("bic")),
             converged=bool(fit.get("converged")), verdict=fit.get("verdict") or {},
-            estimates=dict(fit["estimates"]) if isinstance(fit["estimates"], dict)
-            else dict(zip(names, fit["estimates"])),
-            se=dict(fit["se"]) if isinstance(fit.get("se"), dict)
-            else dict(zip(names, fit.get("se") or []))))
+            estimates={n: _number(v) for n, v in estimates.items()},
+            se={n: _number(v) for n, v in se.items()}))
     return out
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan
 
 
 def ranked(fits: list[Calibration]) -> list[list[Calibration]]:
@@ -437,9 +446,13 @@ def lr_tests(group: list[Calibration]) -> list[dict[str, Any]]:
     from scipy.stats import chi2
 
     out = []
-    by_kind = {f.sde: f for f in group}
+    by_kind: dict[str, Calibration] = {}  # the best converged fit of each kind
+    for f in group:
+        if f.converged and math.isfinite(f.loglik) and (
+                f.sde not in by_kind or f.loglik > by_kind[f.sde].loglik):
+            by_kind[f.sde] = f
     for small, big, restriction, df, boundary in NESTED:
-        if small in by_kind and big in by_kind:
+        if small in by_kind and big in by_kind and by_kind[big].k - by_kind[small].k == df:
             s, b = by_kind[small], by_kind[big]
             stat = max(0.0, 2.0 * (b.loglik - s.loglik))
             p = float(chi2.sf(stat, df)) * (0.5 if boundary else 1.0)

@@ -104,7 +104,8 @@ class Problem:
                             "errors come from differences of gradients)")
         self.obs: Observations = read_observations(cfg.data.path, self.dim,
                                                    OmegaConf.to_object(cfg.data))
-        self.data_start = _data_start(self.sde_cfg, self.dim, self.obs, cfg.fit.start_from)
+        self.data_start = _data_start(self.sde_cfg, self.dim, self.obs, cfg.fit.start_from,
+                                      list(cfg.fit.params) or None)
         sde = build_sde(self.sde_cfg, self.dim, self.dtype, self.device)  # checks the config
         if sde.lower_bound is not None and bool(np.any(self.obs.state <= sde.lower_bound)):
             row = int(np.argwhere(np.any(self.obs.state <= sde.lower_bound, axis=1))[0, 0])
@@ -161,11 +162,13 @@ class Problem:
         return fitting.autograd_objective(log_density, self.tensors)
 
 
-def _data_start(sde_cfg: SDEConfig, dim: int, obs: Observations, start_from: str) -> bool:
+def _data_start(sde_cfg: SDEConfig, dim: int, obs: Observations, start_from: str,
+                fitted: list[str] | None = None) -> bool:
     """In d > 1, an OU's θ, mean and σ from the data's VAR(1) (likelihood.gaussian.
     var1_ou_start), written into ``sde_cfg`` where it starts the baselines: nobody types 2×2
-    matrices to fit them. True where it did; with fit.start_from=config the config's values
-    stay (and are checked as given)."""
+    matrices to fit them. Only the entries in ``fitted`` (fit.params; None: all) replace a
+    matrix the config gives in full; a matrix of the wrong shape (not typed) is replaced
+    whole. True where it did; with fit.start_from=config the config's values stay."""
     from neuralpde_cli.likelihood.gaussian import var1_ou_start
 
     if dim == 1 or sde_cfg.kind != "ou" or start_from != "baseline":
@@ -181,7 +184,18 @@ def _data_start(sde_cfg: SDEConfig, dim: int, obs: Observations, start_from: str
         dx = (tr.x1 - tr.x0) / np.sqrt(tr.dt)[:, None]
         guess = {"theta": np.eye(dim).tolist(), "mean": obs.state.mean(0).tolist(),
                  "sigma": np.linalg.cholesky(np.cov(dx.T) + 1e-12 * np.eye(dim)).tolist()}
-    sde_cfg.theta, sde_cfg.mean, sde_cfg.sigma = guess["theta"], guess["mean"], guess["sigma"]
+    for key in ("theta", "mean", "sigma"):  # a value the user holds fixed stays as typed
+        given = getattr(sde_cfg, key)
+        typed = np.shape(given) == np.shape(guess[key])
+        if not typed or fitted is None:
+            setattr(sde_cfg, key, guess[key])
+            continue
+        value = np.array(given, dtype=float)
+        for index in np.ndindex(value.shape):
+            name = f"{key}" + "".join(f"[{i}]" for i in index)
+            if name in fitted:
+                value[index] = np.asarray(guess[key])[index]
+        setattr(sde_cfg, key, value.tolist())
     return True
 
 
@@ -798,7 +812,7 @@ def _bins(problem: Problem, density: TransitionDensity, values: dict[str, Tensor
     bound = density.natural_sde({}).lower_bound  # the data's coordinates, not the march's
     for b in range(n_bins):
         inside = (x0 >= edges[b]) & ((x0 < edges[b + 1]) if b < n_bins - 1 else (x0 <= edges[b + 1]))
-        inside &= np.isclose(tr.dt, dt, rtol=1e-6)
+        inside &= np.isclose(tr.dt, dt, rtol=0.1)  # monthly calendar steps are 28–31 days
         rows = np.flatnonzero(inside)
         centre = rows[np.argsort(x0[rows])[rows.size // 2]] if rows.size else 0
         start = tr.x0[centre]
