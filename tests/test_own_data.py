@@ -224,7 +224,7 @@ def test_a_fixed_matrix_entry_stays_as_typed_when_others_start_from_the_data():
     obs = Observations(np.arange(301) * 0.25, x, np.zeros(301))
     cfg = SDEConfig(kind="ou", theta=[[1.0]], mean=[0.0, 0.0], sigma=[[0.2, 0.0], [0.0, 0.3]])
     fitted = ["theta[0][0]", "theta[0][1]", "theta[1][0]", "theta[1][1]", "mean[0]", "mean[1]"]
-    assert _data_start(cfg, 2, obs, "baseline", fitted)
+    assert _data_start(cfg, 2, obs.transitions(), obs, "baseline", fitted)
     assert cfg.sigma == [[0.2, 0.0], [0.0, 0.3]]  # held fixed: as typed
     assert np.shape(cfg.theta) == (2, 2) and abs(cfg.theta[0][0] - 0.89) < 0.3  # −log 0.8 / 0.25
     assert cfg.mean != [0.0, 0.0]

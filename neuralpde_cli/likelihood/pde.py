@@ -316,20 +316,23 @@ class TransitionDensity:
         calendar days, K = 3 scored 0.8 lower, erred −1.5 in total against K = 1's −0.85 (a
         mixture's thinner tails at four moves beyond 5 SD) and took 369 steps against 18."""
         try:
-            many_steps = self.freeze_steps(values)
+            self.freeze_steps(values)
+            many_times = list(self.step_times)
             with torch.no_grad():
                 many = float(self.log_density(values, False).sum())
             self.use_components(1)
-            one_steps = self.freeze_steps(values)
+            self.freeze_steps(values)
+            one_times = list(self.step_times)
             with torch.no_grad():
                 one = float(self.log_density(values, False).sum())
         except (RuntimeError, ArithmeticError):  # one of the marches broke: keep K as asked
             self.use_components(components)
             return
-        self.component_logliks = {"1": one, str(components): many,
-                                  "steps_1": one_steps, f"steps_{components}": many_steps}
-        tie = TIE_PER_TRANSITION * self.natural_data.dt.shape[0]
-        self.use_components(1 if many < one - tie else components)
+        self.component_logliks = {"1": one, str(components): many, "steps_1": len(one_times),
+                                  f"steps_{components}": len(many_times)}
+        keep_one = many < one - TIE_PER_TRANSITION * self.natural_data.dt.shape[0]
+        self.use_components(1 if keep_one else components)
+        self.step_times = one_times if keep_one else many_times  # chosen here at ``values``
 
     def _place(self, powers: dict[int, float | Tensor]) -> None:
         """The data, the Jacobian, the start points and (on a grid) each transition's spline

@@ -163,6 +163,15 @@ def brief_columns(columns: list[str], table: list[dict[str, Any]], metric: str |
             or c in ("world_size", "error") and used(c)]
 
 
+def table_console(width: int) -> Any:
+    """rich's console for a table on stdout: the terminal's own; piped or into a file, one at
+    least ``width`` wide, so that no cell is cut to "…" or left blank."""
+    from rich.console import Console
+
+    console = Console()
+    return console if console.is_terminal else Console(width=max(console.width, width))
+
+
 def _text(value: Any) -> str:
     if value is None:
         return ""

@@ -23,11 +23,12 @@ import torch
 from omegaconf import MISSING, DictConfig, OmegaConf
 from torch import Tensor
 
-from neuralpde_cli.data import DataConfig, Observations, read_observations
+from neuralpde_cli.data import DataConfig, Observations, Transitions, read_observations
 from neuralpde_cli.device import resolve_device, resolve_precision
 from neuralpde_cli.errors import UserError, check_choice
 from neuralpde_cli.likelihood import fit as fitting
 from neuralpde_cli.likelihood.pde import PDELikelihoodConfig, TransitionDensity, TransitionSet
+from neuralpde_cli.run.report import table_console
 from neuralpde_cli.run.rundir import RunDir, jsonable
 from neuralpde_cli.sdes import (SDEConfig, build_sde, build_sde_with, parameter_constraint,
                                 parameter_names, parameter_values)
@@ -104,7 +105,9 @@ class Problem:
                             "errors come from differences of gradients)")
         self.obs: Observations = read_observations(cfg.data.path, self.dim,
                                                    OmegaConf.to_object(cfg.data))
-        self.data_start = _data_start(self.sde_cfg, self.dim, self.obs, cfg.fit.start_from,
+        tr = self.obs.transitions()
+        self.transitions = tr
+        self.data_start = _data_start(self.sde_cfg, self.dim, tr, self.obs, cfg.fit.start_from,
                                       list(cfg.fit.params) or None)
         sde = build_sde(self.sde_cfg, self.dim, self.dtype, self.device)  # checks the config
         if sde.lower_bound is not None and bool(np.any(self.obs.state <= sde.lower_bound)):
@@ -131,8 +134,6 @@ class Problem:
         values = parameter_values(self.sde_cfg, self.dim)
         self.config_start = np.array([values[n] for n in self.names])
         fitting.check_start([f"equation.sde.{n}" for n in self.names], self.config_start, self.kinds)
-        tr = self.obs.transitions()
-        self.transitions = tr
         # where the baselines start (fit.start_from=baseline): the data's own scale when a
         # moment estimate exists and is in every parameter's domain, else the config's values
         self.baseline_start, self.baseline_start_from = self.config_start, "config"
@@ -162,8 +163,8 @@ class Problem:
         return fitting.autograd_objective(log_density, self.tensors)
 
 
-def _data_start(sde_cfg: SDEConfig, dim: int, obs: Observations, start_from: str,
-                fitted: list[str] | None = None) -> bool:
+def _data_start(sde_cfg: SDEConfig, dim: int, tr: Transitions, obs: Observations,
+                start_from: str, fitted: list[str] | None = None) -> bool:
     """In d > 1, an OU's θ, mean and σ from the data's VAR(1) (likelihood.gaussian.
     var1_ou_start), written into ``sde_cfg`` where it starts the baselines: nobody types 2×2
     matrices to fit them. Only the entries in ``fitted`` (fit.params; None: all) replace a
@@ -173,7 +174,6 @@ def _data_start(sde_cfg: SDEConfig, dim: int, obs: Observations, start_from: str
 
     if dim == 1 or sde_cfg.kind != "ou" or start_from != "baseline":
         return False
-    tr = obs.transitions()
     guess = var1_ou_start(tr.x0, tr.x1, tr.dt)
     if guess is None:
         shaped = np.shape(sde_cfg.theta) == (dim, dim) and np.shape(sde_cfg.sigma) == (dim, dim)
@@ -200,6 +200,17 @@ def _data_start(sde_cfg: SDEConfig, dim: int, obs: Observations, start_from: str
 
 
 # --- baselines ---------------------------------------------------------------------------------
+def _exact_law(problem: Problem) -> tuple[Callable[..., np.ndarray], tuple[str, ...]] | None:
+    """The exact transition log-density and its parameter names, where one is known for this
+    fit (1-D OU or CIR with every parameter fitted), else None."""
+    from neuralpde_cli.references.transitions import EXACT
+
+    law = EXACT.get(problem.sde_cfg.kind)
+    if problem.dim != 1 or law is None or sorted(law[1]) != sorted(problem.names):
+        return None
+    return law[0], tuple(law[1])
+
+
 def _baselines(problem: Problem) -> dict[str, dict[str, Any]]:
     """Every requested baseline that applies: estimates, SEs, log-likelihood, time."""
     from neuralpde_cli.likelihood.gaussian import euler_log_density, kessler_log_density
@@ -211,15 +222,14 @@ def _baselines(problem: Problem) -> dict[str, dict[str, Any]]:
         if name == "exact" and problem.dim > 1 and problem.sde_cfg.kind == "ou":
             entry = _exact_ou_nd(problem)
         elif name == "exact":
-            kind = problem.sde_cfg.kind
-            exact_names = list(EXACT[kind][1]) if kind in EXACT else []
-            if problem.dim != 1 or sorted(exact_names) != sorted(problem.names):
+            law = _exact_law(problem)
+            if law is None:
                 log.info("baseline exact skipped: known for 1-D %s with all parameters fitted",
                          "/".join(sorted(EXACT)))
                 continue
-            mapped = dict(zip(exact_names, [dict(zip(problem.names, problem.baseline_start))[n]
-                                            for n in exact_names]))
-            res = exact_mle(kind, tr.x0[:, 0], tr.x1[:, 0], tr.dt, mapped)
+            begin = dict(zip(problem.names, problem.baseline_start))
+            res = exact_mle(problem.sde_cfg.kind, tr.x0[:, 0], tr.x1[:, 0], tr.dt,
+                            {n: begin[n] for n in law[1]})
             est = np.array([res["estimates"][n] for n in problem.names])
             se = np.array([res["se"][n] for n in problem.names])
             entry = {"estimates": dict(zip(problem.names, est.tolist())),
@@ -335,7 +345,8 @@ def _start(problem: Problem, baselines: dict[str, dict]
         density = _density(problem, at=dict(zip(problem.names, theta.tolist())))
         try:
             chosen = density.choose_components(problem.tensors(theta, False), components)
-            steps = density.freeze_steps(problem.tensors(theta, False))
+            steps = len(density.step_times) if density.step_times is not None \
+                else density.freeze_steps(problem.tensors(theta, False))  # chosen with K
         except (RuntimeError, ArithmeticError) as exc:  # torch's LinAlgError is a RuntimeError
             reason = str(exc).splitlines()[0][:120]
             log.warning("the march breaks at the %s start %s (%s): trying the next", name,
@@ -734,17 +745,14 @@ def _per_transition(problem: Problem, density: TransitionDensity,
     """Each observed transition's time (of its end; its date when the file had dates) and
     log-density at θ̂, fitted and, where the law is known (1-D OU, CIR), exact: what shows
     which moves the model finds extreme, and where the density approximation errs."""
-    from neuralpde_cli.references.transitions import EXACT
-
     tr, obs = problem.transitions, problem.obs
     with torch.no_grad():
         fitted = density.log_density(problem.tensors(result.estimates, False), False).cpu().numpy()
     exact = np.full(tr.n, np.nan)
-    kind = problem.sde_cfg.kind
-    if problem.dim == 1 and kind in EXACT and sorted(EXACT[kind][1]) == sorted(problem.names):
-        fn, names, _ = EXACT[kind]
+    law = _exact_law(problem)
+    if law is not None:
         theta = dict(zip(problem.names, result.estimates))
-        exact = fn(tr.x0[:, 0], tr.x1[:, 0], tr.dt, *[theta[n] for n in names])
+        exact = law[0](tr.x0[:, 0], tr.x1[:, 0], tr.dt, *[theta[n] for n in law[1]])
     out = {"transition_time": tr.t0 + tr.dt, "logdensity_fit": fitted,
            "logdensity_exact": np.asarray(exact, float)}
     if obs.dates is not None:
@@ -793,8 +801,6 @@ def _bins(problem: Problem, density: TransitionDensity, values: dict[str, Tensor
     θ̂, fitted and (where known) exact, and the bin's observed moves recentred on that start
     (x₁ − x₀ + median): one law against the moves it should describe, never an average of
     densities that follows the histogram by construction."""
-    from neuralpde_cli.references.transitions import EXACT
-
     tr = problem.transitions
     n_bins = max(1, int(problem.cfg.fit.density_bins))
     x0, x1 = tr.x0[:, 0], tr.x1[:, 0]
@@ -805,9 +811,7 @@ def _bins(problem: Problem, density: TransitionDensity, values: dict[str, Tensor
     out = {k: [] for k in ("bin_edges", "bin_dt", "bin_start", "density_x", "density_fit",
                            "density_exact")}
     bin_x1, bin_index = [], []
-    kind = problem.sde_cfg.kind
-    exact = EXACT.get(kind) if problem.dim == 1 and kind in EXACT and \
-        sorted(EXACT[kind][1]) == sorted(problem.names) else None
+    exact = _exact_law(problem)
     theta = dict(zip(problem.names, result.estimates))
     bound = density.natural_sde({}).lower_bound  # the data's coordinates, not the march's
     for b in range(n_bins):
@@ -1045,7 +1049,6 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
 
 def _report(names: list[str], result: fitting.FitResult, baselines: dict[str, dict]) -> None:
     """One table on the console: each method's estimates (SE) and, when exact, distance in SEs."""
-    from rich.console import Console
     from rich.table import Table
 
     quasi = [m for m in ("euler", "kessler") if m in baselines]
@@ -1066,10 +1069,7 @@ def _report(names: list[str], result: fitting.FitResult, baselines: dict[str, di
         loglik = "—" if entry.get("loglik") is None else f"{entry['loglik']:.3f}"
         table.add_row(method, *[f"{entry['estimates'][n]:.5g} ({entry['se'][n]:.2g})" for n in names],
                       f"({loglik})" if method in quasi else loglik)
-    console = Console(stderr=False)
-    if not console.is_terminal:  # piped or in a file: as wide as the table, never "0.1…"
-        console = Console(stderr=False, width=max(console.width, 48 + 22 * (len(names) + 1)))
-    console.print(table)
+    table_console(48 + 22 * (len(names) + 1)).print(table)
 
 
 main = make_main("calibrate", calibrate, check, headline=("loglik", "max_distance_exact_se"),

@@ -54,7 +54,6 @@ def main(argv: list[str] | None = None) -> None:
 
 def show(runs: list[report.Run], metric: str | None) -> None:
     """The table on the terminal (rich)."""
-    from rich.console import Console
     from rich.table import Table
 
     metric = report.error_metric(runs, metric)
@@ -68,7 +67,7 @@ def show(runs: list[report.Run], metric: str | None) -> None:
     for row in rows:
         table.add_row(*(report._text(row[c]) for c in columns),
                       style=style.get(str(row["status"]), None))
-    console = _console(18 * len(columns))
+    console = report.table_console(18 * len(columns))
     console.print(table)
     for r in runs:
         if r.status in ("interrupted", "running") and (r.path / "checkpoints" / "last.pt").is_file():
@@ -85,16 +84,7 @@ def show(runs: list[report.Run], metric: str | None) -> None:
                          f"{f.aic - group[0].aic:.2f}", f"{f.bic:.2f}", f.verdict_words(),
                          report._estimates_text(f),
                          style="red" if f.rejected or not f.converged else None)
-        console = _console(160)
+        console = report.table_console(160)
         console.print(fits)
         for t in report.lr_tests(group):
             console.print(t["words"], soft_wrap=True)
-
-
-def _console(width: int) -> "Console":
-    """The terminal's console; piped or in a file, one as wide as the table needs, so that no
-    cell is cut to "…" or blank."""
-    from rich.console import Console
-
-    console = Console()
-    return console if console.is_terminal else Console(width=max(console.width, width))
