@@ -250,6 +250,26 @@ class MixtureLayout(torch.nn.Module):
         return self.pack(logits, means, entries)
 
 
+def convolve_jumps(layout: MixtureLayout, state: Tensor, log_weights: Tensor, jump_mean: Tensor,
+                   jump_cov: Tensor) -> Tensor:
+    """The mixture convolved with a Poisson number of Gaussian jumps, in closed form: state
+    (P, size) of K components and log P(n jumps) (P, N + 1) → the state of K(N + 1) components
+    (pack it with ``MixtureLayout(d, K(N + 1))``), component (n, k) = πₖ P(n) N(mₖ + n·jump_mean,
+    Σₖ + n·jump_cov)."""
+    logits, means, entries = layout.unpack(state)
+    chol = layout.chol(entries)
+    cov = chol @ chol.transpose(-1, -2)
+    log_w = torch.log_softmax(logits, -1)
+    parts_logits, parts_means, parts_entries = [], [], []
+    for n in range(log_weights.shape[-1]):
+        parts_logits.append(log_w + log_weights[:, n:n + 1])
+        parts_means.append(means + n * jump_mean)
+        parts_entries.append(entries if n == 0 else
+                             layout.entries(torch.linalg.cholesky(cov + n * jump_cov)))
+    return layout.pack(torch.cat(parts_logits, -1), torch.cat(parts_means, -2),
+                       torch.cat(parts_entries, -2))
+
+
 class _MixtureDensity(DensityAnsatz):
     """A DensityAnsatz whose state at (t, cond) comes from a subclass; closed forms from the
     layout. Points sharing one t and cond are evaluated with one parameter set."""

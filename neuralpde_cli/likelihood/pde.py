@@ -29,6 +29,10 @@ per θ covers every transition of a data set:
   estimate; when θ has moved so far that the frozen steps no longer suit it, they are chosen
   again there (:data:`STALE_ERROR`), so a fit that walks far from its start does not follow
   gradients of a broken march.
+* **Jumps added when the law is read.** For a jump diffusion (:mod:`neuralpde_cli.sdes.jumps`)
+  the march is of the diffusion part, and each transition's mixture is convolved with the
+  Poisson number of Gaussian jumps over its Δ (:func:`~neuralpde_cli.ansatz.gmm.convolve_jumps`):
+  exact, since the coefficients do not see the coordinates that jump.
 
 The coefficients are SDE modules from :mod:`neuralpde_cli.sdes` built by a callable from
 parameter tensors, so this module knows nothing of which SDE it is fitting.
@@ -45,7 +49,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from neuralpde_cli.ansatz.gmm import GaussianMixtureAnsatz, GMMConfig, MixtureLayout
+from neuralpde_cli.ansatz.gmm import GaussianMixtureAnsatz, GMMConfig, MixtureLayout, convolve_jumps
 from neuralpde_cli.equations.fokker_planck import FokkerPlanck, FokkerPlanckConfig
 from neuralpde_cli.errors import UserError
 from neuralpde_cli.sdes import SDE, SDEConfig, march_log_jacobian, to_march
@@ -254,6 +258,9 @@ class TransitionDensity:
         self.component_logliks: dict[str, float] | None = None
         #: the first :meth:`freeze_steps` chooses the components, unless they were set
         self.components_chosen = False
+        #: a jump diffusion's jumps, from the SDE of the last march (None: a diffusion)
+        self.jumps = getattr(probe, "jumps", None)
+        self._jump_layouts: dict[tuple[int, int], MixtureLayout] = {}
 
     def _data_weighted(self, per_member: Tensor | None) -> float:
         """The mean of a per-member figure over the transitions, each member weighted by the
@@ -393,6 +400,7 @@ class TransitionDensity:
 
     def _equation(self, values: dict[str, Tensor]) -> FokkerPlanck:
         sde = self.make_sde(values)
+        self.jumps = getattr(sde, "jumps", None)
         self.equation.sde = sde
         self.equation.constant_diffusion = sde.constant_diffusion
         return self.equation
@@ -478,10 +486,24 @@ class TransitionDensity:
             raise ValueError("states() needs a march per start (per_start or time-dependent)")
         return self._node_states(values, differentiable)[self.which, self.start_of]
 
+    def law(self, state: Tensor, dt: Tensor) -> tuple[MixtureLayout, Tensor]:
+        """The transition law over Δ = ``dt`` (P,) of marched states (P, size): the states
+        themselves for a diffusion; for a jump diffusion, each convolved with the jumps that
+        arrive in Δ (K(N + 1) components, N from the Poisson tail)."""
+        if self.jumps is None:
+            return self.layout, state
+        terms = self.jumps.terms(dt)
+        key = (self.layout.components, terms)
+        if key not in self._jump_layouts:
+            self._jump_layouts[key] = MixtureLayout(self.layout.dim, key[0] * (terms + 1),
+                                                    device=state.device)
+        return self._jump_layouts[key], convolve_jumps(
+            self.layout, state, self.jumps.log_weights(dt, terms), self.jumps.mean, self.jumps.cov)
+
     def log_density(self, values: dict[str, Tensor], differentiable: bool = True) -> Tensor:
         """log p(x₁ | x₀) (n,) for every transition, in the data's coordinates."""
         return self._per_transition(values, differentiable,
-                                    lambda state, x: self.layout.evaluate(state, x).log_p,
+                                    lambda layout, state, x: layout.evaluate(state, x).log_p,
                                     True) + self.jacobian
 
     def pit(self, values: dict[str, Tensor]) -> Tensor:
@@ -491,9 +513,11 @@ class TransitionDensity:
             return self._per_transition(values, False, self.cdf, False).clamp(0.0, 1.0)
 
     def _per_transition(self, values: dict[str, Tensor], differentiable: bool,
-                        node_fn: Callable[[Tensor, Tensor], Tensor], density: bool) -> Tensor:
-        """``node_fn(states (s, size), points (s, r, d))`` → (s, r) read off each transition's
-        law. From a grid of starts, the law's *shape* is interpolated, not its parameters: a
+                        node_fn: Callable[[MixtureLayout, Tensor, Tensor], Tensor],
+                        density: bool) -> Tensor:
+        """``node_fn(layout, states (s, size), points (s, r, d))`` → (s, r) read off each
+        transition's law (:meth:`law`: with a jump diffusion's jumps).
+        From a grid of starts, the law's *shape* is interpolated, not its parameters: a
         mixture that represents a density is not unique, and neighbouring members can hold the
         same law in different components, so a spline through their parameters can be a wrong
         law that moves erratically with θ (a daily Heston fit saw log p jump by 0.02 where the
@@ -503,19 +527,21 @@ class TransitionDensity:
         state = self._node_states(values, differentiable)
         x1 = self.data.x1
         if not self.use_grid:
-            return node_fn(state[self.which, self.start_of], x1.unsqueeze(1))[:, 0]
+            layout, own = self.law(state[self.which, self.start_of], self.data.dt)
+            return node_fn(layout, own, x1.unsqueeze(1))[:, 0]
         out = x1.new_empty(x1.shape[0])
         for u in range(state.shape[0]):
             rows = self.which == u
             weights = self.weights[rows]  # (r, s)
-            mean, cov = self.layout.moments(state[u])
+            layout, at_u = self.law(state[u], (self.horizons[u] + self.eps).expand(state.shape[1]))
+            mean, cov = layout.moments(at_u)
             chol_nodes = torch.linalg.cholesky(cov)
             m = weights @ mean + self.shift[rows]
             chol = torch.linalg.cholesky(torch.einsum("rs,sij->rij", weights, cov))
             z = torch.linalg.solve_triangular(chol, (x1[rows] - m).unsqueeze(-1),
                                               upper=False).squeeze(-1)
             points = mean.unsqueeze(1) + torch.einsum("sij,rj->sri", chol_nodes, z)
-            values_at = node_fn(state[u], points)  # (s, r)
+            values_at = node_fn(layout, at_u, points)  # (s, r)
             if density:
                 log_det = torch.log(torch.diagonal(chol_nodes, dim1=-2, dim2=-1)).sum(-1)
                 values_at = values_at + log_det.unsqueeze(-1)
@@ -537,11 +563,12 @@ class TransitionDensity:
         powers = torch.arange(c.shape[1], dtype=t.dtype, device=t.device)
         return ((theta ** powers).unsqueeze(-1) * c).sum(1)
 
-    def cdf(self, state: Tensor, x: Tensor) -> Tensor:
-        """F(x | ·) (n, P) of the first coordinate's marginal, for states (n, size) and points
-        x (n, P, d) (only their first coordinate counts)."""
-        logits, means, entries = self.layout.unpack(state)
-        chol = self.layout.chol(entries)
+    @staticmethod
+    def cdf(layout: MixtureLayout, state: Tensor, x: Tensor) -> Tensor:
+        """F(x | ·) (n, P) of the first coordinate's marginal, for states (n, size) of
+        ``layout`` and points x (n, P, d) (only their first coordinate counts)."""
+        logits, means, entries = layout.unpack(state)
+        chol = layout.chol(entries)
         sd = torch.sqrt((chol[..., 0, :] ** 2).sum(-1))  # (n, K)
         z = (x[..., 0].unsqueeze(-1) - means[:, None, :, 0]) / sd[:, None, :]
         return (torch.softmax(logits, -1)[:, None, :] * torch.special.ndtr(z)).sum(-1)
@@ -564,9 +591,10 @@ class TransitionDensity:
         grid = to_march(natural[:, None], power)[:, 0]
         jacobian = torch.exp(march_log_jacobian(natural[:, None], power))
         with torch.no_grad():
-            state = other.states({k: v.detach() for k, v in values.items()}, False)
-            logits, means, entries = self.layout.unpack(state)
-            sd = torch.sqrt((self.layout.chol(entries)[..., axis, :] ** 2).sum(-1))  # (m, K)
+            layout, state = other.law(other.states({k: v.detach() for k, v in values.items()},
+                                                   False), probe.dt)
+            logits, means, entries = layout.unpack(state)
+            sd = torch.sqrt((layout.chol(entries)[..., axis, :] ** 2).sum(-1))  # (m, K)
             z = (grid[None, :, None] - means[:, None, :, axis]) / sd[:, None, :]
             comp = torch.exp(-0.5 * z * z) / (sd[:, None, :] * math.sqrt(2 * math.pi))
             p = (torch.softmax(logits, -1)[:, None, :] * comp).sum(-1)

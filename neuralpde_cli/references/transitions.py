@@ -1,4 +1,5 @@
-"""Exact transition log-densities of OU and CIR, and the exact maximum-likelihood baseline.
+"""Exact transition log-densities of OU, CIR and Merton, and the exact maximum-likelihood
+baseline.
 
 Plain numpy/scipy on plain arrays (no SDE objects, no torch): the reference the calibration's
 approximate likelihoods are judged against.
@@ -7,6 +8,9 @@ approximate likelihoods are judged against.
   d-D Σ(Δ) = ∫₀^Δ e^{−θs}σσᵀe^{−θᵀs}ds from Van Loan's block matrix exponential.
 - CIR dX = κ(μ − X)dt + σ√X dW: 2c·X(t+Δ) | x0 ~ χ²'(df = 4κμ/σ², nc = 2c·x0·e^{−κΔ}),
   c = 2κ/(σ²(1 − e^{−κΔ})) (Cox, Ingersoll and Ross 1985).
+- Merton dX = μdt + σdW + J dN, J ~ N(m_J, s_J²), N Poisson of rate λ: X(t+Δ) − x0 is the
+  Poisson(λΔ) mixture over n of N(μΔ + n m_J, σ²Δ + n s_J²) (Merton 1976), summed until the
+  Poisson tail is below 1e-16.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from typing import Callable, Mapping
 import numpy as np
 import scipy.linalg
 import scipy.optimize
+import scipy.special
 import scipy.stats
 
 ArrayLike = np.ndarray | float
@@ -74,9 +79,40 @@ def cir_log_density(x0: ArrayLike, x1: ArrayLike, dt: ArrayLike, rate: float, le
     return np.where(x1 < 0, -np.inf, out)
 
 
+def _merton_terms(mean_jumps: np.ndarray) -> np.ndarray:
+    """n = 0 … N with P(Pois(max mean) > N) < 1e-16."""
+    top = float(np.max(mean_jumps)) if np.size(mean_jumps) else 0.0
+    return np.arange(int(scipy.stats.poisson.isf(1e-16, top)) + 2 if top > 0 else 1)
+
+
+def merton_log_density(x0: ArrayLike, x1: ArrayLike, dt: ArrayLike, mu: float, noise: float,
+                       jump_rate: float, jump_mean: float, jump_std: float) -> np.ndarray:
+    """log p(x1, t + Δ | x0, t) of Merton's jump diffusion (1-D; arrays broadcast)."""
+    x0, x1, dt = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (x0, x1, dt)))
+    n = _merton_terms(jump_rate * dt)
+    shape = (-1,) + (1,) * x0.ndim
+    nn = n.reshape(shape)
+    var = noise ** 2 * dt + nn * jump_std ** 2
+    loc = x0 + mu * dt + nn * jump_mean
+    log_w = scipy.stats.poisson.logpmf(nn, jump_rate * dt)
+    terms = log_w - 0.5 * ((x1 - loc) ** 2 / var + np.log(2.0 * np.pi * var))
+    return scipy.special.logsumexp(terms, axis=0)
+
+
+def merton_cdf(x0: ArrayLike, x1: ArrayLike, dt: ArrayLike, mu: float, noise: float,
+               jump_rate: float, jump_mean: float, jump_std: float,
+               upper: bool = False) -> np.ndarray:
+    """F(x1 | x0) of Merton's law (or 1 − F with ``upper``, without cancellation)."""
+    x0, x1, dt = np.broadcast_arrays(*(np.asarray(a, dtype=float) for a in (x0, x1, dt)))
+    nn = _merton_terms(jump_rate * dt).reshape((-1,) + (1,) * x0.ndim)
+    z = (x1 - x0 - mu * dt - nn * jump_mean) / np.sqrt(noise ** 2 * dt + nn * jump_std ** 2)
+    w = scipy.stats.poisson.pmf(nn, jump_rate * dt)
+    return np.sum(w * (scipy.stats.norm.sf(z) if upper else scipy.stats.norm.cdf(z)), axis=0)
+
+
 def normal_scores(kind: str, x0: np.ndarray, x1: np.ndarray, dt: np.ndarray,
                   params: Mapping[str, float]) -> np.ndarray:
-    """z = Φ⁻¹(F(x1 | x0)) under the exact law of 1-D ``kind`` (ou, cir): how many standard
+    """z = Φ⁻¹(F(x1 | x0)) under the exact law of 1-D ``kind`` (ou, cir, merton): how many standard
     deviations out each move lies, skew included (the upper tail from the survival function,
     so that z stays finite to about 38)."""
     x0, x1, dt = (np.asarray(a, dtype=float) for a in (x0, x1, dt))
@@ -84,6 +120,11 @@ def normal_scores(kind: str, x0: np.ndarray, x1: np.ndarray, dt: np.ndarray,
         th, m, s = params["theta"], params["mean"], params["sigma"]
         loc = m + (x0 - m) * np.exp(-th * dt)
         return (x1 - loc) / (s * np.sqrt(-np.expm1(-2.0 * th * dt) / (2.0 * th)))
+    if kind == "merton":
+        args = [params[n] for n in EXACT["merton"][1]]
+        lower = merton_cdf(x0, x1, dt, *args)
+        upper = merton_cdf(x0, x1, dt, *args, upper=True)
+        return np.where(lower < 0.5, scipy.stats.norm.ppf(lower), -scipy.stats.norm.ppf(upper))
     if kind != "cir":
         raise ValueError(f"no exact law for kind {kind!r}")
     k, m, s = params["rate"], params["level"], params["noise"]
@@ -118,12 +159,14 @@ EXACT: dict[str, tuple[Callable[..., np.ndarray], tuple[str, ...], tuple[str, ..
     # kind: (log-density, parameter names, the ones that must be > 0)
     "ou": (ou_log_density, ("theta", "mean", "sigma"), ("theta", "sigma")),
     "cir": (cir_log_density, ("rate", "level", "noise"), ("rate", "level", "noise")),
+    "merton": (merton_log_density, ("mu", "noise", "jump_rate", "jump_mean", "jump_std"),
+               ("noise", "jump_rate", "jump_std")),
 }
 
 
 def exact_mle(kind: str, x0: np.ndarray, x1: np.ndarray, dt: np.ndarray,
               start: Mapping[str, float]) -> dict:
-    """The exact maximum-likelihood estimate of a 1-D OU or CIR model from transitions.
+    """The exact maximum-likelihood estimate of a 1-D OU, CIR or Merton model from transitions.
 
     Maximized in log-coordinates for the positive parameters (L-BFGS-B, then Nelder–Mead to
     polish), standard errors from the inverse observed information: the Hessian of −loglik in

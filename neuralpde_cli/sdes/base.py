@@ -17,8 +17,10 @@ class SDEConfig:
     #: ou: dX = θ(m − X)dt + σdW; brownian: dX = b dt + σdW; double_well: μ = linear·x − cubic·x³
     #: per coordinate, σ = noise·I; double_well_2d: μ = (linear·x₁ − cubic·x₁³ + c x₂, −x₂ + c x₁),
     #: σ = noise·I; cir: dX = κ(level − X)dt + noise·√X dW; cev: dX = κ(level − X)dt +
-    #: noise·X^γ dW; gbm: dX = κX dt + noise·X dW (κ = ``rate``); custom: μ and σ from the
-    #: callables ``drift`` and ``diffusion``.
+    #: noise·X^γ dW; gbm: dX = κX dt + noise·X dW (κ = ``rate``); heston (below); merton: dX =
+    #: mu dt + noise dW + J dN (X = log S; J ~ N(jump_mean, jump_std²) at rate jump_rate);
+    #: bates: heston plus those jumps in log S; custom: μ and σ from the callables ``drift`` and
+    #: ``diffusion``.
     kind: str = "ou"
     #: OU drift matrix θ (d × d); the default is non-symmetric (eigenvalues 0.9 ± 0.49i)
     theta: list[list[float]] = field(default_factory=lambda: [[1.0, 0.6], [-0.4, 0.8]])
@@ -45,6 +47,11 @@ class SDEConfig:
     #: noise·√V dW₂, corr(dW₁, dW₂) = rho (κ = rate, θ = level, ξ = noise, as for CIR)
     mu: float = 0.05
     rho: float = -0.7
+    #: merton, bates: jumps J dN in X (log S), N Poisson of rate jump_rate per unit time,
+    #: J ~ N(jump_mean, jump_std²)
+    jump_rate: float = 5.0
+    jump_mean: float = -0.03
+    jump_std: float = 0.05
     #: custom: "package.module:function" or "path/to/file.py:function" with
     #: f(t (N,), x (N, d)) → μ (N, d)
     drift: Optional[str] = None

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from neuralpde_cli.errors import UserError, check_choice
-from neuralpde_cli.sdes import double_well, heston, linear, square_root
+from neuralpde_cli.sdes import double_well, heston, jumps, linear, square_root
 from neuralpde_cli.sdes.base import SDE, SDEConfig, _matrix, _vector
 from neuralpde_cli.sdes.custom import CallableSDE, load_callable
 
@@ -22,6 +22,7 @@ FAMILIES: dict[str, Callable[[int, dict[str, Tensor], torch.dtype, torch.device]
     "double_well": double_well.single, "double_well_2d": double_well.coupled,
     "cir": square_root.cir, "cev": square_root.cev, "gbm": square_root.gbm,
     "heston": heston.heston,
+    "merton": jumps.merton, "bates": jumps.bates,
 }
 #: every kind: the families, and ``custom`` (drift and diffusion callables)
 KINDS = (*FAMILIES, "custom")
@@ -35,12 +36,14 @@ PARAMETER_KEYS: dict[str, tuple[str, ...]] = {
     "cev": ("rate", "level", "noise", "gamma"),
     "gbm": ("rate", "noise"),
     "heston": ("mu", "rate", "level", "noise", "rho"),
+    "merton": ("mu", "noise", "jump_rate", "jump_mean", "jump_std"),
+    "bates": ("mu", "rate", "level", "noise", "rho", "jump_rate", "jump_mean", "jump_std"),
     "custom": ("sigma",),  # only without a diffusion callable; the callables have no parameters
 }
 _MATRICES = ("theta", "sigma")
 _VECTORS = ("mean", "drift_vector")
 #: scalars that must be > 0 (rate is a growth rate of any sign for gbm)
-_POSITIVE = ("noise", "level", "gamma", "cubic")
+_POSITIVE = ("noise", "level", "gamma", "cubic", "jump_rate", "jump_std")
 _NAME = re.compile(r"^([a-z_]+)((?:\[\d+\])*)$")
 
 
@@ -158,14 +161,21 @@ def parameter_values(cfg: SDEConfig, dim: int) -> dict[str, float]:
 
 def _check_config_values(cfg: SDEConfig, replaced: set[str]) -> None:
     """The range checks on config values the caller does not replace."""
-    if cfg.kind == "heston":
+    if cfg.kind in ("heston", "bates"):
         for key in ("rate", "level"):
             if key not in replaced and getattr(cfg, key) <= 0:
-                raise UserError(f"equation.sde.{key}={getattr(cfg, key)} must be > 0 for kind=heston")
+                raise UserError(f"equation.sde.{key}={getattr(cfg, key)} must be > 0 for kind={cfg.kind}")
         if "rho" not in replaced and not -1 < cfg.rho < 1:
             raise UserError(f"equation.sde.rho={cfg.rho} must be in (−1, 1) (|ρ| = 1 makes the "
                             "diffusion singular)")
-    if cfg.kind in ("double_well", "double_well_2d", "cir", "cev", "gbm", "heston") and \
+    if cfg.kind in ("merton", "bates"):
+        for key in ("jump_rate", "jump_std"):
+            if key not in replaced and not getattr(cfg, key) > 0:
+                raise UserError(f"equation.sde.{key}={getattr(cfg, key)} must be > 0 for "
+                                f"kind={cfg.kind} (a diffusion without jumps is kind="
+                                f"{'brownian' if cfg.kind == 'merton' else 'heston'})")
+    if cfg.kind in ("double_well", "double_well_2d", "cir", "cev", "gbm", "heston", "merton",
+                    "bates") and \
             "noise" not in replaced and cfg.noise <= 0:
         raise UserError(f"equation.sde.noise={cfg.noise} must be > 0")
     if cfg.kind in ("cir", "cev"):

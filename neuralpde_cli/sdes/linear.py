@@ -20,8 +20,12 @@ class LinearSDE(SDE):
 
     has_exact_transition = True
 
-    def __init__(self, a: Tensor, c: Tensor, sigma: Tensor) -> None:
+    def __init__(self, a: Tensor, c: Tensor, sigma: Tensor,
+                 invariant_dims: tuple[int, ...] = ()) -> None:
         super().__init__(a.shape[0])
+        #: coordinates the coefficients do not depend on (Brownian motion: all of them), so a
+        #: transition density marched from one start serves every other by a shift
+        self.invariant_dims = invariant_dims
         self.register_buffer("a", a)
         self.register_buffer("c", c)
         self.register_buffer("sigma", sigma)
@@ -73,4 +77,4 @@ def ou(dim: int, p: dict[str, Tensor], dtype: torch.dtype, device: torch.device)
 def brownian(dim: int, p: dict[str, Tensor], dtype: torch.dtype, device: torch.device) -> LinearSDE:
     """dX = b dt + σ dW."""
     return LinearSDE(torch.zeros(dim, dim, dtype=dtype, device=device), p["drift_vector"],
-                     p["sigma"])
+                     p["sigma"], invariant_dims=tuple(range(dim)))

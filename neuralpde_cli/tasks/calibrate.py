@@ -140,8 +140,9 @@ class Problem:
         if self.data_start:
             self.baseline_start, self.baseline_start_from = self.config_start, "VAR(1)"
         elif cfg.fit.start_from == "baseline" and self.dim == 1:
-            from neuralpde_cli.likelihood.gaussian import ar1_start
-            moments = ar1_start(self.sde_cfg.kind, tr.x0, tr.x1, tr.dt)
+            from neuralpde_cli.likelihood.gaussian import ar1_start, jump_start
+            moments = jump_start(tr.x0, tr.x1, tr.dt) if self.sde_cfg.kind == "merton" \
+                else ar1_start(self.sde_cfg.kind, tr.x0, tr.x1, tr.dt)
             if moments is not None:
                 guess = np.array([moments.get(n, v) for n, v in zip(self.names, self.config_start)])
                 if all(fitting.in_domain(v, k) for v, k in zip(guess, self.kinds)):
@@ -542,7 +543,7 @@ def _robust(problem: Problem, density: TransitionDensity, result: fitting.FitRes
         log.warning("sandwich standard errors skipped: %s", _breakdown(exc))
         out["se_sandwich"] = None
     values = {**parameter_values(problem.sde_cfg, problem.dim), **dict(zip(problem.names, theta))}
-    if problem.sde_cfg.kind in ("cir", "heston"):
+    if problem.sde_cfg.kind in ("cir", "heston", "bates"):
         ratio = 2 * values["rate"] * values["level"] / values["noise"] ** 2
         out["feller"] = {"ratio": float(ratio), "satisfied": bool(ratio >= 1.0),
                          "note": "2κθ/ξ² ≥ 1 keeps the variance process off zero; reported, not imposed"}
