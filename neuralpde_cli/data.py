@@ -61,6 +61,12 @@ class DataConfig:
     #: skip: drop an observation with a missing value (NA, empty, '.'), so its neighbours'
     #: transition spans the gap; refuse: stop at it with its file, line and column
     missing: str = "skip"
+    #: the state coordinates the columns hold, in order (e.g. [0]: Heston's log S alone, its
+    #: variance latent and filtered out); empty: every coordinate
+    observed: list[int] = field(default_factory=list)
+    #: a column to draw beside the filtered latent coordinate, in its units (e.g. VIX²/10⁴
+    #: for Heston's V); read from the same file, matched by time, never fitted
+    proxy: Optional[str] = None
 
     def check(self) -> None:
         if self.time not in TIME_UNITS:

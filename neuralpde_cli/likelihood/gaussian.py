@@ -201,3 +201,44 @@ def jump_start(x0: "np.ndarray", x1: "np.ndarray", dt: "np.ndarray") -> dict[str
            "jump_rate": float(jumps.sum() / dt.sum()), "jump_mean": float(sizes.mean()),
            "jump_std": float(max(sizes.std(), 0.5 * np.abs(sizes).mean()))}
     return out if all(math.isfinite(v) for v in out.values()) else None
+
+
+#: the realized-variance blocks of :func:`latent_variance_start`: about a month of observations
+BLOCK_YEARS = 1.0 / 12.0
+
+
+def latent_variance_start(x0: "np.ndarray", x1: "np.ndarray", dt: "np.ndarray",
+                          path: "np.ndarray | None" = None) -> dict[str, float] | None:
+    """Starting values of Heston from log prices alone: the realized variance of blocks of
+    about a month (Σ Δy² / Σ Δ) stands in for V, and CIR's AR(1) start on it gives κ, θ, ξ
+    (:func:`ar1_start`); mu is the mean return plus θ/2; ρ the correlation of a block's return
+    with the next change of its realized variance. A proxy's measurement noise biases ξ up and
+    κ up: a start, not an estimate. None with fewer than 8 blocks."""
+    import numpy as np
+
+    step = (np.asarray(x1, float) - np.asarray(x0, float)).reshape(-1)
+    dt = np.asarray(dt, float).reshape(-1)
+    size = max(5, int(round(BLOCK_YEARS / float(np.median(dt)))))
+    ids = np.zeros(step.size, int) if path is None else np.unique(np.asarray(path), return_inverse=True)[1]
+    rv, ret, length, block_of = [], [], [], []
+    for p in np.unique(ids):
+        rows = np.flatnonzero(ids == p)
+        for b in range(rows.size // size):
+            part = rows[b * size:(b + 1) * size]
+            rv.append(float((step[part] ** 2).sum() / dt[part].sum()))
+            ret.append(float(step[part].sum()))
+            length.append(float(dt[part].sum()))
+            block_of.append(p)
+    if len(rv) < 8:
+        return None
+    rv, ret, length, block_of = map(np.asarray, (rv, ret, length, block_of))
+    same = block_of[1:] == block_of[:-1]
+    out = ar1_start("cir", rv[:-1][same], rv[1:][same], length[:-1][same])
+    level = float(rv.mean())
+    if out is None:  # no mean reversion visible in the proxy: a month's half-life
+        out = {"rate": 12.0 * math.log(2.0), "level": level,
+               "noise": float(np.std(np.diff(rv)) / np.sqrt(np.mean(rv) * np.median(length)))}
+    out["mu"] = float(step.sum() / dt.sum()) + 0.5 * out["level"]
+    rho = float(np.corrcoef(ret[:-1][same], np.diff(rv)[same])[0, 1]) if same.sum() > 2 else -0.5
+    out["rho"] = float(np.clip(rho if math.isfinite(rho) else -0.5, -0.9, 0.9))
+    return out if all(math.isfinite(v) for v in out.values()) else None

@@ -65,6 +65,8 @@ def make_calibration_plots(run_dir: Path) -> list[Path]:
             out += plot_pit_time(diag, plots_dir / "pit_time.png")
     else:
         log.info("pit.png skipped: diagnostics.npz holds no PIT values")
+    if _has(diag, "filtered_time", "filtered_variance_mean"):
+        out += plot_filtered(diag, plots_dir / "filtered.png")
     if fit.get("estimates"):
         out += plot_estimates(fit, plots_dir / "estimates.png")
     else:
@@ -328,6 +330,42 @@ def plot_pit_time(diag: dict[str, np.ndarray], path: Path) -> list[Path]:
         a.tick_params(labelsize=7)
     fig.suptitle("where in time the fitted law fails: normal scores and their rolling variance "
                  "(1 when the model's scale is right)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_filtered(diag: dict[str, np.ndarray], path: Path) -> list[Path]:
+    """The latent variance as the filter sees it after each observation (mean, 5–95 % band),
+    beside the proxy the user named (VIX² for V, say), and the volatility √V below: what a
+    fit from prices alone says the variance was."""
+    import matplotlib.pyplot as plt
+
+    t = np.asarray(diag["filtered_time"], float)
+    mean = np.asarray(diag["filtered_variance_mean"], float)
+    lo, hi = (np.asarray(diag[k], float) for k in ("filtered_variance_q05", "filtered_variance_q95"))
+    proxy = np.asarray(diag["filtered_proxy"], float) if "filtered_proxy" in diag else None
+    fig, axes = plt.subplots(2, 1, figsize=(11, 5.6), sharex=True, layout="constrained")
+    for ax, f, label in ((axes[0], lambda v: v, "V"), (axes[1], np.sqrt, "√V (volatility)")):
+        ax.fill_between(t, f(lo), f(hi), color="C0", alpha=0.25, lw=0,
+                        label="filtered 5–95 %")
+        ax.plot(t, f(mean), color="C0", lw=0.9, label="filtered mean")
+        if proxy is not None and np.isfinite(proxy).any():
+            name = str(diag.get("filtered_proxy_name", "proxy"))
+            ax.plot(t, f(np.clip(proxy, 0, None)), color="C3", lw=0.7, alpha=0.8,
+                    label=f"proxy: {name}")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.tick_params(labelsize=7)
+    axes[0].legend(fontsize=7, loc="upper left")
+    dates = diag.get("filtered_date")
+    axes[1].set_xlabel("time (years)" + (f"; {dates[0]} … {dates[-1]}" if dates is not None
+                                         and len(dates) else ""))
+    inside = None
+    if proxy is not None and np.isfinite(proxy).any():
+        ok = np.isfinite(proxy)
+        inside = float(np.mean((proxy[ok] >= lo[ok]) & (proxy[ok] <= hi[ok])))
+    fig.suptitle("the latent variance filtered from the observed series at the estimate"
+                 + (f" (the proxy inside the 5–95 % band {inside:.0%} of the time)"
+                    if inside is not None else ""), fontsize=10)
     return _save(fig, path)
 
 

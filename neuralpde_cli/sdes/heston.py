@@ -32,6 +32,9 @@ class Heston(SDE):
     invariant_dims = (0,)
     #: coordinates that must stay > 0 in data (V)
     positive_dims = (1,)
+    #: the Box–Cox power of V's march coordinate: 0, log V (:class:`HestonLogVariance`); ½,
+    #: Lamperti's 2√V − 2 (:class:`HestonRootVariance`), which the latent filter uses
+    variance_power = 0.0
 
     def __init__(self, mu: Tensor, rate: Tensor, level: Tensor, noise: Tensor, rho: Tensor) -> None:
         super().__init__(2)
@@ -64,12 +67,19 @@ class Heston(SDE):
         return torch.stack([x[:, 0], torch.clamp(x[:, 1], min=0.0)], -1)
 
     def march_coordinates(self) -> dict[int, float]:
-        """A transition density is marched in log V (:class:`HestonLogVariance`)."""
-        return {1: 0.0}
+        """A transition density is marched in log V (:class:`HestonLogVariance`), or in
+        2√V − 2 with ``variance_power`` ½ (:class:`HestonRootVariance`)."""
+        return {1: self.variance_power}
 
-    def in_march_coordinates(self, floor: float = 0.0) -> "HestonLogVariance":
-        """The same process in (log S, log V) (no boundary: ``floor`` is not needed)."""
-        return HestonLogVariance(self)
+    def in_march_coordinates(self, floor: float = 0.0) -> "SDE":
+        """The same process in (log S, log V) (no boundary: ``floor`` is not needed), or in
+        (log S, 2√V − 2), held at √floor below it."""
+        if self.variance_power == 0.0:
+            return HestonLogVariance(self)
+        if self.variance_power != 0.5:
+            raise UserError(f"Heston's variance is marched in log V or 2√V − 2 (power 0 or ½), "
+                            f"not power {self.variance_power}")
+        return HestonRootVariance(self, floor)
 
     def sample_transition(self, x0: Tensor, t0: Tensor, dt: Tensor,
                           generator: torch.Generator | None = None,
@@ -139,3 +149,51 @@ def heston(dim: int, p: dict[str, Tensor], dtype: torch.dtype, device: torch.dev
         raise UserError(f"equation.sde.kind=heston has the state (log S, V): equation.dim=2 "
                         f"(got {dim})")
     return Heston(p["mu"], p["rate"], p["level"], p["noise"], p["rho"])
+
+
+class HestonRootVariance(SDE):
+    r"""Heston in (log S, y = 2√V − 2), Lamperti's coordinate for V, by Itô's lemma: with
+    s = √V = 1 + y/2, μ = (mu − s²/2, (κθ − ξ²/4)/s − κs), σ = [[s, 0], [ξρ, ξ√(1 − ρ²)]]:
+    the variance's noise is constant. D = ½[[s², ξρs], [ξρs, ξ²]]: Σⱼ∂ⱼDᵢⱼ = (ξρ/4, 0), the
+    second sum vanishes, ∇·μ = −½((κθ − ξ²/4)/s² + κ). Below s = √floor the coefficients are
+    held there (derivatives 0). Why: from a small V a day's law is far from Gaussian in log V
+    (its drift (κθ − ξ²/2)/V moves it by several units) but close to Gaussian in √V, whose
+    drift is (κθ − ξ²/4)/(2√V): the latent filter's low nodes need that.
+    """
+
+    constant_diffusion = False
+    invariant_dims = (0,)
+
+    def __init__(self, heston: Heston, floor: float | Tensor) -> None:
+        super().__init__(2)
+        if not float(floor) > 0:
+            raise ValueError("the variance's root coordinate needs a floor > 0")
+        self.heston, self.floor = heston, math.sqrt(float(floor))
+
+    def _s(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        s = 1.0 + 0.5 * x[:, 1]
+        return torch.clamp(s, min=self.floor), s > self.floor
+
+    def drift(self, t: Tensor, x: Tensor) -> Tensor:
+        h, (s, _) = self.heston, self._s(x)
+        return torch.stack([h.mu - 0.5 * s * s,
+                            (h.rate * h.level - 0.25 * h.noise ** 2) / s - h.rate * s], -1)
+
+    def drift_divergence(self, t: Tensor, x: Tensor) -> Tensor:
+        h, (s, free) = self.heston, self._s(x)
+        value = -0.5 * ((h.rate * h.level - 0.25 * h.noise ** 2) / (s * s) + h.rate)
+        return torch.where(free, value, torch.zeros_like(value))
+
+    def diffusion_sqrt(self, t: Tensor, x: Tensor) -> Tensor:
+        h, (s, _) = self.heston, self._s(x)
+        root = s / math.sqrt(2.0)
+        first = torch.stack([root, torch.zeros_like(root)], -1)
+        second = torch.stack([(h.noise * h.rho / math.sqrt(2.0)).expand_as(root),
+                              (h.noise * torch.sqrt(1.0 - h.rho ** 2) / math.sqrt(2.0)).expand_as(root)], -1)
+        return torch.stack([first, second], -2)
+
+    def diffusion_divergences(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
+        h, (s, free) = self.heston, self._s(x)
+        inside = free.to(x.dtype)
+        div = torch.stack([0.25 * h.noise * h.rho * inside, torch.zeros_like(inside)], -1)
+        return div, torch.zeros_like(inside)

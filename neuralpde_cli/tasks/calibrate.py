@@ -103,7 +103,14 @@ class Problem:
         if self.dtype != torch.float64:
             raise UserError(f"precision={cfg.precision}: calibration runs in float64 (standard "
                             "errors come from differences of gradients)")
-        self.obs: Observations = read_observations(cfg.data.path, self.dim,
+        observed = [int(i) for i in cfg.data.get("observed") or []]
+        if observed and (sorted(set(observed)) != observed or observed[0] < 0
+                         or observed[-1] >= self.dim or len(observed) == self.dim):
+            raise UserError(f"data.observed={observed}: the state coordinates the columns hold, "
+                            f"in increasing order, some of 0 … {self.dim - 1} (empty: all)")
+        #: the coordinates the data do not hold (filtered out of the likelihood)
+        self.latent = [i for i in range(self.dim) if observed and i not in observed]
+        self.obs: Observations = read_observations(cfg.data.path, len(observed) or self.dim,
                                                    OmegaConf.to_object(cfg.data))
         tr = self.obs.transitions()
         self.transitions = tr
@@ -115,7 +122,8 @@ class Problem:
             raise UserError(f"{self.obs.where(row)}: the state {self.obs.state[row].tolist()} is "
                             f"≤ {sde.lower_bound:g}; equation.sde.kind={self.sde_cfg.kind} lives "
                             "above it")
-        for axis in getattr(sde, "positive_dims", ()):
+        held = observed or list(range(self.dim))
+        for axis in [held.index(a) for a in getattr(sde, "positive_dims", ()) if a in held]:
             bad = np.flatnonzero(self.obs.state[:, axis] <= 0)
             if bad.size:
                 raise UserError(f"{self.obs.where(int(bad[0]))}: "
@@ -139,9 +147,10 @@ class Problem:
         self.baseline_start, self.baseline_start_from = self.config_start, "config"
         if self.data_start:
             self.baseline_start, self.baseline_start_from = self.config_start, "VAR(1)"
-        elif cfg.fit.start_from == "baseline" and self.dim == 1:
-            from neuralpde_cli.likelihood.gaussian import ar1_start, jump_start
+        elif cfg.fit.start_from == "baseline" and (self.dim == 1 or self.latent):
+            from neuralpde_cli.likelihood.gaussian import ar1_start, jump_start, latent_variance_start
             moments = jump_start(tr.x0, tr.x1, tr.dt) if self.sde_cfg.kind == "merton" \
+                else latent_variance_start(tr.x0, tr.x1, tr.dt, tr.path) if self.latent \
                 else ar1_start(self.sde_cfg.kind, tr.x0, tr.x1, tr.dt)
             if moments is not None:
                 guess = np.array([moments.get(n, v) for n, v in zip(self.names, self.config_start)])
@@ -218,6 +227,11 @@ def _baselines(problem: Problem) -> dict[str, dict[str, Any]]:
     from neuralpde_cli.references.transitions import EXACT, exact_mle
 
     tr, ts, out = problem.transitions, problem.tset, {}
+    if problem.latent:
+        log.info("baselines skipped: Euler, Kessler and the exact law need every coordinate "
+                 "observed (coordinate%s %s latent)", "s" * (len(problem.latent) > 1),
+                 problem.latent)
+        return out
     for name in problem.cfg.fit.baselines:
         start = time.perf_counter()
         if name == "exact" and problem.dim > 1 and problem.sde_cfg.kind == "ou":
@@ -734,10 +748,36 @@ def _diagnostics(problem: Problem, density: TransitionDensity,
     out.update(_per_transition(problem, density, result))
     if cfg.profile_points > 0 and np.all(np.isfinite(result.se)):
         out.update(_profiles(problem, density, result))
+    if problem.latent:  # a transition from one observed start has no law without V
+        out.update(_filtered(problem, density, values))
+        return out
     try:
         out.update(_bins(problem, density, values, result))
     except (RuntimeError, ArithmeticError) as exc:
         log.warning("transition.png's densities skipped: %s", _breakdown(exc))
+    return out
+
+
+def _filtered(problem: Problem, density: TransitionDensity,
+              values: dict[str, Tensor]) -> dict[str, np.ndarray]:
+    """The filter's law of the latent coordinate after each observation at θ̂ (its mean and 5,
+    50, 95 % quantiles), with each observation's time, its date, and the proxy column where
+    the user named one (matched by time): what filtered.png draws."""
+    with torch.no_grad():
+        density.log_density(values, False)
+    out = {f"filtered_{k}": v for k, v in density.filtered_summary().items()}
+    tr, obs = problem.transitions, problem.obs
+    out["filtered_time"] = tr.t0 + tr.dt
+    if obs.dates is not None:
+        out["filtered_date"] = np.array([str(d)[:10] for d in obs.dates[tr.row]])
+    proxy = problem.cfg.data.get("proxy")
+    if proxy:
+        options = OmegaConf.to_object(problem.cfg.data)
+        options.columns, options.observed, options.proxy = [proxy], [], None
+        side = read_observations(problem.cfg.data.path, 1, options)
+        where = {float(t): float(v) for t, v in zip(side.time, side.state[:, 0])}
+        out["filtered_proxy"] = np.array([where.get(float(t), np.nan) for t in out["filtered_time"]])
+        out["filtered_proxy_name"] = np.array(proxy)
     return out
 
 
@@ -883,6 +923,13 @@ def _density(problem: Problem, tset: TransitionSet | None = None,
     cfg = problem.cfg
     mixture: GMMConfig = OmegaConf.to_object(cfg.ansatz)
     march: TimeMarchConfig = OmegaConf.to_object(cfg.optimizer)
+    if problem.latent:
+        from neuralpde_cli.likelihood.filter import FilteredDensity
+        path = problem.transitions.path
+        first = np.r_[True, path[1:] != path[:-1]] if path is not None else \
+            np.r_[True, np.zeros(problem.tset.n - 1, bool)]
+        return FilteredDensity(problem.sde, problem.tset if tset is None else tset, first,
+                               mixture, march, OmegaConf.to_object(cfg.fit.pde), at or {})
     return TransitionDensity(problem.sde, problem.tset if tset is None else tset, mixture, march,
                              OmegaConf.to_object(cfg.fit.pde), at)
 
@@ -1000,13 +1047,21 @@ def calibrate(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
     if "exact" in baselines:
         result.notes["density_error"] = _density_error(problem, diagnostics, result)
     result.notes["verdict"] = _verdict(result, diagnostics["pit"], diagnostics)
-    if cfg.fit.bootstrap_sets:
+    if cfg.fit.bootstrap_sets and problem.latent:
+        log.warning("the bootstrap is skipped: it replays the data's design from observed "
+                    "states, and coordinate %s is latent", problem.latent)
+    elif cfg.fit.bootstrap_sets:
         result.notes["bias_correction"] = _bootstrap(problem, result, density)
         result.notes["verdict"]["lines"] += _bootstrap_caveats(
             result, result.notes["bias_correction"])
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **diagnostics)
     atomic_write(run.path / "diagnostics.npz", lambda h: h.write(buffer.getvalue()))
+    if problem.latent:  # the filtered latent coordinate on its own, as the issue of it asks
+        filtered = io.BytesIO()
+        np.savez_compressed(filtered, **{k: v for k, v in diagnostics.items()
+                                         if k.startswith("filtered_")})
+        atomic_write(run.path / "filtered.npz", lambda h: h.write(filtered.getvalue()))
     if "exact" in baselines:
         ex = baselines["exact"]
         result.notes["distance_se"] = {n: (e - ex["estimates"][n]) / ex["se"][n]
