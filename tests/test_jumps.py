@@ -141,3 +141,27 @@ def test_calibrate_merton_matches_the_exact_mle(tmp_path):
     for name in MERTON:
         assert abs(fit["estimates"][name] - exact["estimates"][name]) < 0.1 * exact["se"][name]
     assert abs(fit["loglik"] - exact["loglik"]) < 1e-3
+
+
+def test_solve_marches_merton_and_adds_the_jumps(tmp_path):
+    """`solve` with kind=merton: the marched diffusion convolved with the jumps, against the
+    exact law (the Poisson mixture of Gaussians from the Gaussian start); a jump size that
+    dominates the diffusion, so that a law without its jumps would be far off."""
+    args = ["solve", "equation=fokker_planck", "equation.dim=1", "equation.sde.kind=merton",
+            "equation.sde.noise=0.2", "equation.sde.jump_rate=2", "equation.sde.jump_mean=-0.5",
+            "equation.sde.jump_std=0.3", "equation.initial_mean=[0.0]", "equation.t_final=1",
+            "equation.eval_times=[0.25,1.0]"]
+    out = run_cli([*args, "hydra.run.dir=run"], tmp_path)
+    assert out.returncode == 0, out.stderr[-2000:]
+    metrics = json.loads((tmp_path / "run" / "summary.json").read_text())["metrics"]
+    assert metrics["l1_error"] < 1e-3
+    with np.load(tmp_path / "run" / "solution.npz") as sol:  # bimodal: the jumps are there
+        x, u = sol["x"][:, 0], sol["u"][-1]
+        # the initial law N(0, 0.05²) adds 0.05² to every component's variance
+        exact = np.exp(merton_log_density(0.0, x, 1.0, 0.05, math.sqrt(0.2 ** 2 + 0.05 ** 2),
+                                          2.0, -0.5, 0.3))
+        torch.testing.assert_close(torch.tensor(sol["u_exact"][-1]), torch.tensor(exact))
+        assert np.abs(u - exact).max() < 1e-3 * exact.max()
+    refused = run_cli([*args, "ansatz=mlp", "optimizer=adam", "hydra.run.dir=run2"], tmp_path)
+    assert refused.returncode != 0 and "optimizer=time_march" in refused.stderr
+    assert "Traceback" not in refused.stderr

@@ -513,3 +513,28 @@ class MarchedMixture(_MixtureDensity):
             return state, None
         dbasis = powers[1:] * theta ** powers[:-1]
         return state, (dbasis.unsqueeze(-1) * c[:, 1:]).sum(1) / h
+
+
+class JumpConvolvedMixture(_MixtureDensity):
+    """A marched diffusion law convolved with compound-Poisson Gaussian jumps at every t: the
+    law of a jump diffusion whose coefficients ignore the jumping coordinates (Merton, Bates),
+    still a Gaussian mixture (:func:`convolve_jumps`), so it keeps every closed form: density,
+    moments, marginals, samples. ``jumps`` is an :class:`~neuralpde_cli.sdes.jumps.GaussianJumps`;
+    the sum keeps the jump counts whose Poisson tail at t_final matters."""
+
+    def __init__(self, diffusion: MarchedMixture, jumps: torch.nn.Module) -> None:
+        self.terms = jumps.terms(diffusion.times[-1:])
+        super().__init__(MixtureLayout(diffusion.layout.dim,
+                                       diffusion.layout.components * (self.terms + 1),
+                                       device=diffusion.times.device))
+        self.diffusion, self.jumps = diffusion, jumps
+        self.t_final = diffusion.t_final
+
+    def state_at(self, t: Tensor, cond: Tensor | None,
+                 with_rate: bool) -> tuple[Tensor, Tensor | None]:
+        if with_rate:
+            raise UserError("a jump diffusion's law is marched, not trained: its state has no "
+                            "rate for a residual")
+        state, _ = self.diffusion.state_at(t, cond, False)
+        return convolve_jumps(self.diffusion.layout, state, self.jumps.log_weights(t, self.terms),
+                              self.jumps.mean, self.jumps.cov), None

@@ -4,6 +4,12 @@ r"""The Fokker–Planck equation of an SDE from :mod:`neuralpde_cli.sdes`.
 represented as N(x₀, w²I). Linear SDEs (OU, Brownian with drift) have Gaussian solutions with
 exact moments; for the others in 1-D and 2-D the reference is the project's finite-volume
 solver (:mod:`neuralpde_cli.references.fd_density`), and runs report the L1 distance to it.
+
+A jump diffusion (Merton, Bates: :mod:`neuralpde_cli.sdes.jumps`) adds λ(E p(x − J) − p): the
+equation's operators are the diffusion's (what the time march integrates), and its law is the
+diffusion's convolved with the Poisson number of jumps by t. The reference is built the same
+way from the diffusion's exact Gaussian law (closed form) or its finite-volume law (shifted and
+summed over the jump sizes).
 """
 
 from __future__ import annotations
@@ -90,6 +96,8 @@ class FokkerPlanck(DensityEquation):
                             f"above {bounds[low[0]]:g} for sde.kind={cfg.sde.kind}")
         self._references: dict[tuple[float, ...], FDSolution] = {}
         self._samples: np.ndarray | None = None
+        #: a jump diffusion's jumps (None: a diffusion); the operators are the diffusion's
+        self.jumps = getattr(self.sde, "jumps", None)
 
     # --- coefficients: the SDE's, autograd where it has no closed form ---------------------
     def drift(self, t: Tensor, x: Tensor) -> Tensor:
@@ -167,10 +175,16 @@ class FokkerPlanck(DensityEquation):
                                  device=self.initial_mean.device)
         return centre, 0.6 * float((hi - lo).max())
 
+    def _diffusion_moments(self, t: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The exact Gaussian moments of the diffusion part (without jumps), where it has them."""
+        diffusion = getattr(self.sde, "diffusion", self.sde)
+        return diffusion.exact_moments(t, self.initial_mean, self.initial_cov)
+
     def fd_reference(self, times: list[float] | None = None) -> FDSolution | None:
         """The finite-volume solution at ``times`` (default: the eval times), cached; None when
-        the solution is Gaussian (exact moments exist) or dim > 2."""
-        if self.dim > 2 or self.exact_moments(self.initial_mean.new_zeros(1)) is not None:
+        the solution (its diffusion part, with jumps) is Gaussian (exact moments exist) or
+        dim > 2."""
+        if self.dim > 2 or self._diffusion_moments(self.initial_mean.new_zeros(1)) is not None:
             return None
         key = tuple(sorted(float(t) for t in (times if times is not None else self.eval_times)))
         if key not in self._references:
@@ -206,8 +220,72 @@ class FokkerPlanck(DensityEquation):
                         "its L1 errors are not reliable; set equation.reference_cells higher or "
                         "equation.reference_box narrower", per_std, h)
 
+    def _diffusion_density(self, t: float, x: np.ndarray) -> np.ndarray | None:
+        """The diffusion part's density at x (N, d): exact Gaussian, or the finite-volume
+        solution linearly interpolated (None: neither exists)."""
+        like = self.initial_mean
+        moments = self._diffusion_moments(torch.tensor([t], dtype=like.dtype, device=like.device))
+        if moments is not None:
+            from neuralpde_cli.equations.base import gaussian_log_density
+            points = torch.as_tensor(x, dtype=like.dtype, device=like.device)
+            return torch.exp(gaussian_log_density(points, moments[0][0], moments[1][0])).cpu().numpy()
+        times = self.eval_times if any(abs(t - s) < 1e-12 for s in self.eval_times) else [t]
+        sol = self.fd_reference(times)
+        if sol is None:
+            return None
+        return sol.interpolate(int(np.argmin(np.abs(sol.times - t))), x)
+
+    def jump_density(self, t: float, x: np.ndarray) -> np.ndarray | None:
+        """p(t, x) of a jump diffusion: Σₙ Pois(n; λt) E p_diff(t, x − (J₁ + … + Jₙ)). With a
+        Gaussian diffusion part (Merton) in closed form, Σₙ Pois(n; λt) N(x; m + n·m_J,
+        C + n·S_J); else the finite-volume law shifted along the jump's axis, the n jumps' sum
+        N(n·m_J, n·s_J²) integrated by the trapezoid on ±8 SD at half a cell or finer."""
+        jumps, like = self.jumps, self.initial_mean
+        tt = torch.tensor([t], dtype=like.dtype, device=like.device)
+        terms = jumps.terms(tt)
+        poisson = torch.exp(jumps.log_weights(tt, terms))[0]
+        moments = self._diffusion_moments(tt)
+        if moments is not None:
+            from neuralpde_cli.equations.base import gaussian_log_density
+            points = torch.as_tensor(x, dtype=like.dtype, device=like.device)
+            total = sum(poisson[n] * torch.exp(gaussian_log_density(
+                points, moments[0][0] + n * jumps.mean, moments[1][0] + n * jumps.cov))
+                for n in range(terms + 1))
+            return total.cpu().numpy()
+        mean = jumps.mean.detach().cpu().numpy()
+        axis = [i for i in jumps.dims if jumps.cov[i, i] > 0]
+        if len(axis) != 1:
+            raise UserError("the reference convolves jumps along one coordinate")
+        i = axis[0]
+        std = math.sqrt(float(jumps.cov[i, i]))
+        sol = self.fd_reference()
+        cell = float(sol.centers[i][1] - sol.centers[i][0]) if sol is not None else std / 8
+        total = np.zeros(x.shape[0])
+        for n, w_n in enumerate(poisson.tolist()):
+            if n == 0:
+                part = self._diffusion_density(t, x)
+                if part is None:
+                    return None
+                total += w_n * part
+                continue
+            spread = math.sqrt(n) * std
+            count = int(max(65, math.ceil(16.0 * spread / (0.5 * cell)) + 1))
+            z = np.linspace(-8.0, 8.0, count)
+            weights = np.exp(-0.5 * z * z)
+            weights /= weights.sum()
+            for zq, wq in zip(z, weights):
+                shift = n * mean.copy()
+                shift[i] += spread * zq
+                total += w_n * wq * self._diffusion_density(t, x - shift)
+        return total
+
     def reference_log_density(self, t: float, x: Tensor) -> Tensor | None:
-        """Exact Gaussian when linear; else the finite-volume reference, linearly interpolated."""
+        """Exact Gaussian when linear; else the finite-volume reference, linearly interpolated;
+        with jumps, the diffusion's convolved with them (:meth:`jump_density`)."""
+        if self.jumps is not None:
+            p = self.jump_density(t, x.detach().cpu().numpy())
+            return None if p is None else torch.log(torch.as_tensor(
+                np.maximum(p, 1e-300), dtype=x.dtype, device=x.device))
         exact = super().reference_log_density(t, x)
         if exact is not None:
             return exact
@@ -234,24 +312,40 @@ class FokkerPlanck(DensityEquation):
         sol = self.fd_reference()
         worst_l1, worst_mass = 0.0, 0.0
         for i, t in enumerate(self.eval_times):
+            reference = None
             if sol is not None:
                 x = torch.as_tensor(sol.points(), dtype=dtype, device=device)
                 vol = sol.cell_volume
+                reference = sol.density[i].ravel()
             else:
                 x, vol = self._quadrature_grid(t)
+            if self.jumps is not None:  # the law with its jumps, on the same points
+                x, vol = (x, vol) if sol is not None else self._jump_grid()
+                reference = self.jump_density(t, x.cpu().numpy())
             with torch.no_grad():
                 p_hat = torch.exp(ansatz.log_density(torch.full((x.shape[0],), t, dtype=dtype,
                                                                 device=device), x)).cpu().numpy()
             mass = float(p_hat.sum() * vol)
             worst_mass = max(worst_mass, abs(mass - 1.0))
-            if sol is not None:
-                l1 = float(np.abs(p_hat - sol.density[i].ravel()).sum() * vol) + max(0.0, 1.0 - mass)
+            if reference is not None:
+                l1 = float(np.abs(p_hat - reference).sum() * vol) + max(0.0, 1.0 - mass)
                 out[f"l1_error_t{t:g}"] = l1
                 worst_l1 = max(worst_l1, l1)
-        if sol is not None:
+        if sol is not None or self.jumps is not None:
             out["l1_error"] = worst_l1
         out["quadrature_mass_error"] = worst_mass
         return out
+
+    def _jump_grid(self, n: int = 4000) -> tuple[Tensor, float]:
+        """Midpoints over the reference box (paths with their jumps), for a jump diffusion
+        whose diffusion part is Gaussian (1-D: Merton)."""
+        box = self.reference_box()
+        h = float(box[0, 1] - box[0, 0]) / n
+        if self.dim != 1:
+            raise UserError("a jump diffusion with a Gaussian diffusion part is checked in 1-D")
+        axis = box[0, 0] + (np.arange(n) + 0.5) * h
+        return torch.as_tensor(axis[:, None], dtype=self.initial_mean.dtype,
+                               device=self.initial_mean.device), h
 
     def _quadrature_grid(self, t: float, n: int = 256) -> tuple[Tensor, float]:
         """Midpoint grid over the exact mean ± 10 largest stds (spectrally accurate for smooth

@@ -16,7 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
+from neuralpde_cli.ansatz.gmm import JumpConvolvedMixture
 from neuralpde_cli.ansatz.mlp import MLP
+from neuralpde_cli.errors import UserError
 from neuralpde_cli.distributed import parameter_digests, rank_seed
 from neuralpde_cli.equations.base import DensityEquation
 from neuralpde_cli.run.rundir import MetricsWriter, RunDir
@@ -33,6 +35,10 @@ log = logging.getLogger(__name__)
 def run_solver(cfg: DictConfig, equation: Any, ansatz: Any, solver: Any, run: RunDir,
                resume_state: dict[str, Any] | None) -> dict[str, Any]:
     """Solve, write solution.npz, and return the summary fields (metrics, steps, ...)."""
+    if getattr(equation, "jumps", None) is not None and not isinstance(solver, TimeMarcher):
+        raise UserError(f"equation.sde.kind={equation.cfg.sde.kind} has jumps: solve marches "
+                        "its diffusion and adds the jumps in closed form, with ansatz=gmm "
+                        "optimizer=time_march (a trained residual has no jump term)")
     if isinstance(solver, GradientSolver):
         return _run_gradient(cfg, equation, ansatz, solver, run, resume_state)
     if isinstance(solver, TimeMarcher):
@@ -79,6 +85,8 @@ def _run_time_march(cfg: DictConfig, equation: DensityEquation, ansatz: Any, sol
              time.perf_counter() - start)
     writer.close()
     solution = result.ansatz
+    if getattr(equation, "jumps", None) is not None:  # the diffusion was marched: add the jumps
+        solution = JumpConvolvedMixture(solution, equation.jumps)
     _save_solution_checkpoint(run, solution, steps)
     metrics = _density_report(equation, solution, run)
     return {"metrics": metrics, "steps": steps, "stop_reason": "t_final reached"}
