@@ -373,6 +373,8 @@ def fmt(value: Any, kind: str) -> str:
         return f"×{value:.3g}"
     if kind == "pct":
         return f"{value:.0%}"
+    if kind == "float":
+        return f"{value:.2f}"
     if kind == "by_t":
         return " ".join(f"{t}:{e:.0e}" for t, e in value.items())
     return str(value)
