@@ -3,17 +3,18 @@ marched transition density as its kernel.
 
 Heston from prices alone: the data hold log S, the variance V is latent. The likelihood of the
 observed series integrates V out, p(y₁…yₙ; θ) = Πₖ p(yₖ | y₁…yₖ₋₁; θ), and the filter computes
-each factor on a grid of nodes sⱼ = √Vⱼ (where V's noise is constant, so an equally spaced grid
-resolves every transition alike):
+each factor on cells around nodes sⱼ = √Vⱼ (where V's noise is constant, so equal cells resolve
+every transition alike), Pₖ(i) the filter's probability of cell i after k observations:
 
-    predict and update   f̃ₖ(sᵢ) = Σⱼ wⱼ fₖ₋₁(sⱼ) p(Δyₖ, sᵢ | sⱼ; Δₖ),
-    the factor           p(yₖ | y₁…yₖ₋₁) = Σᵢ wᵢ f̃ₖ(sᵢ),   fₖ = f̃ₖ / that,
+    predict and update   P̃ₖ(i) = Σⱼ Pₖ₋₁(j) p(Δyₖ, √V' ∈ cell i | √V = sⱼ; Δₖ),
+    the factor           p(yₖ | y₁…yₖ₋₁) = Σᵢ P̃ₖ(i),   Pₖ = P̃ₖ / that,
 
-with trapezoid weights w (spectrally accurate for the smooth, narrow kernels here) and f₀ the
-stationary law of V (a Gamma law). The kernel p(Δy, s' | s) is the joint transition density of
-(log S, √V), marched from every node at once (one :class:`TransitionDensity` member per node,
-in its own coordinates, with its frozen steps and jumps), and read in closed form from each
-member's mixture at every node. Everything is differentiable in θ, so the fit, its standard
+P₀ the stationary law of V (a Gamma law). The kernel is the joint transition law of (log S,
+√V), marched from every node at once (one :class:`TransitionDensity` member per node, in its
+own coordinates, with its frozen steps and jumps), read in closed form from each member's
+mixture: a density in Δy times the mass of each cell (the end cells reach to 0 and ∞). Why
+masses, not densities at the nodes: a kernel narrower than a cell (ξ → 0) sampled at points
+makes the likelihood unbounded, and a fit walked there (ξ 1e-15, log L 73,000 on 2,000 days). Everything is differentiable in θ, so the fit, its standard
 errors and its profiles are those of any other calibration.
 
 What it fits: an SDE whose observed coordinates the coefficients do not depend on (they are
@@ -40,10 +41,10 @@ from neuralpde_cli.likelihood.pde import PDELikelihoodConfig, TransitionDensity,
 from neuralpde_cli.sdes import SDE
 from neuralpde_cli.solvers.time_march import TimeMarchConfig
 
-#: node spacing in units of the narrowest transition's spread of √V (ξ/2·√Δ): the trapezoid
-#: rule on a Gaussian of width σ errs by about exp(−2π²σ²/h²), 3e-9 at h = σ
+#: node spacing in units of the narrowest transition's spread of √V (ξ/2·√Δ). Measured on 300
+#: daily log prices at the true θ: log L 962.82 at 1, 962.77 at ½, 962.745 at ¼, 962.738 at ⅛
 SPACING = 1.0
-MIN_NODES, MAX_NODES = 24, 160
+MIN_NODES, MAX_NODES = 24, 200
 #: the stationary quantiles of V the nodes span (the upper end widened by NODE_MARGIN of the
 #: span)
 QUANTILES = (1e-4, 1.0 - 1e-6)
@@ -74,14 +75,27 @@ class FilteredDensity(TransitionDensity):
         the transitions that start a path (the filter restarts there from the stationary law);
         ``coordinate_values``: the start θ, where the nodes are placed; ``nodes``: 0 from the
         spacing rule."""
-        like = observed.x0
+        self._setting = (make_sde, mixture, march, cfg, nodes)
+        self.observed = observed
+        self.first = torch.as_tensor(np.asarray(first, bool), device=observed.x0.device)
+        self._place_nodes(coordinate_values)
+        #: the filter's law of V after each observation, from the last log_density: (n, G)
+        self.filtered: Tensor | None = None
+        #: each observation's predictive weights over the nodes, from the last log_density
+        self.predictive: Tensor | None = None
+
+    def _place_nodes(self, values: dict[str, float]) -> None:
+        """Nodes from the stationary law at ``values`` (and the march's members at them: the
+        steps, components and counters start over)."""
+        make_sde, mixture, march, cfg, nodes = self._setting
+        observed, like = self.observed, self.observed.x0
         probe = make_sde({k: torch.tensor(float(v), dtype=like.dtype, device=like.device)
-                          for k, v in coordinate_values.items()})
-        heston = getattr(getattr(probe, "diffusion", probe), "level", None)
-        if probe.dim != 2 or tuple(getattr(probe, "invariant_dims", ())) != (0,) or heston is None:
+                          for k, v in values.items()})
+        base = getattr(probe, "diffusion", probe)
+        if probe.dim != 2 or tuple(getattr(probe, "invariant_dims", ())) != (0,) \
+                or getattr(base, "level", None) is None:
             raise UserError("a latent coordinate is filtered for Heston-type SDEs (kind=heston, "
                             "bates): coordinate 0 observed, coordinate 1 (the variance) latent")
-        base = getattr(probe, "diffusion", probe)
         rate, level, noise = (float(getattr(base, k)) for k in ("rate", "level", "noise"))
         self.node_s = self._nodes(rate, level, noise, float(observed.dt.min()), nodes)
         steps = torch.unique(observed.dt)
@@ -91,22 +105,26 @@ class FilteredDensity(TransitionDensity):
         node_set = TransitionSet(starts, starts, torch.zeros(starts.shape[0], dtype=like.dtype,
                                                              device=like.device),
                                  steps.repeat_interleave(count))
-        super().__init__(_in_root_variance(make_sde), node_set, mixture, march,
-                         replace(cfg, per_start=True), coordinate_values)
-        self.observed = observed
-        self.first = torch.as_tensor(np.asarray(first, bool), device=like.device)
+        TransitionDensity.__init__(self, _in_root_variance(make_sde), node_set, mixture, march,
+                                   replace(cfg, per_start=True), dict(values))
         self.steps, self.step_of = steps, torch.unique(observed.dt, return_inverse=True)[1]
         s = torch.as_tensor(self.node_s, dtype=like.dtype, device=like.device)
         h = float(s[1] - s[0])
-        w = torch.full_like(s, h)
-        w[0] = w[-1] = 0.5 * h
-        self.s, self.log_w = s, torch.log(w)
-        # the kernel is read at (Δy, y = 2s − 2) and carried to s by |dy/ds| = 2
-        self.log_ds = torch.full_like(s, math.log(2.0))
-        #: the filter's law of V after each observation, from the last log_density: (n, G)
-        self.filtered: Tensor | None = None
-        #: each observation's predictive weights over the nodes, from the last log_density
-        self.predictive: Tensor | None = None
+        # cells: midway between nodes, the end cells reaching to 0 and ∞
+        inner = 0.5 * (s[1:] + s[:-1])
+        # (finite ends: an infinite one would give 0 · ∞ in the gradient)
+        self.edges = torch.cat([s.new_full((1,), -1e6), inner, s.new_full((1,), 1e6)])
+        width = torch.cat([inner[:1] - s[:1] + 0.5 * h, inner[1:] - inner[:-1],
+                           s[-1:] - inner[-1:] + 0.5 * h])
+        self.s, self.log_w = s, torch.log(width)
+
+    def readapted_loglik(self, values: dict[str, Tensor]) -> float:
+        """Nodes placed again at ``values`` (their range and spacing follow θ), steps chosen
+        again there, and log L with both: the fit's check of its discretization. Measured:
+        nodes placed at the realized-variance start scored the true θ 12 lower than nodes
+        placed at the true θ."""
+        self._place_nodes({k: float(v) for k, v in values.items()})
+        return super().readapted_loglik(values)
 
     @staticmethod
     def _nodes(rate: float, level: float, noise: float, dt: float, nodes: int) -> np.ndarray:
@@ -118,6 +136,10 @@ class FilteredDensity(TransitionDensity):
         lo, hi = np.sqrt(scipy.stats.gamma.ppf(QUANTILES, shape, scale=scale))
         width = hi - lo
         hi = hi + NODE_MARGIN * width
+        # not below two spreads of a step: there √V's drift (κθ − ξ²/4)/(2√V) is several
+        # spreads a step, and a march from there took 583 steps against 24 (the first cell
+        # holds the mass below)
+        lo = max(lo, 2.0 * 0.5 * noise * math.sqrt(dt))
         count = nodes or int(np.clip(math.ceil((hi - lo) / (SPACING * 0.5 * noise * math.sqrt(dt))) + 1,
                                      MIN_NODES, MAX_NODES))
         return np.linspace(lo, hi, count)
@@ -126,7 +148,7 @@ class FilteredDensity(TransitionDensity):
         """log p(Δyₖ, sᵢ | sⱼ) (n, G_j, G_i) for every observation."""
         state = self._node_states(values, differentiable)  # (steps, G, size) by horizon
         y = self.observed.x1[:, 0] - self.observed.x0[:, 0]
-        u = 2.0 * self.s - 2.0
+        edges = 2.0 * self.edges - 2.0  # the cells in the march's coordinate 2√V − 2
         out = []
         for k in range(self.steps.shape[0]):
             horizon = int(torch.nonzero(torch.isclose(self.horizons + self.eps, self.steps[k]))[0, 0])
@@ -134,22 +156,23 @@ class FilteredDensity(TransitionDensity):
             rows = torch.nonzero(self.step_of == k)[:, 0]
             for begin in range(0, rows.shape[0], CHUNK):
                 part = rows[begin:begin + CHUNK]
-                fn = lambda st_, y_: _mixture_on_grid(layout, st_, y_, u)  # noqa: E731
+                fn = lambda st_, y_: _mixture_on_cells(layout, st_, y_, edges)  # noqa: E731
                 block = checkpoint(fn, st, y[part], use_reentrant=False) \
                     if differentiable and torch.is_grad_enabled() else fn(st, y[part])
                 out.append((part, block))
         order = torch.cat([part for part, _ in out])
         kernel = torch.cat([block for _, block in out])  # one gather back into data order:
         kernel = kernel.index_select(0, torch.argsort(order))  # a backward per row would copy n²
-        return kernel + self.log_ds
+        return kernel
 
     def _initial(self, values: dict[str, Tensor]) -> Tensor:
-        """log f₀ at the nodes: V's stationary law carried to s (|dV/ds| = 2s), renormalized."""
+        """log P₀ of each cell: V's stationary density carried to s (|dV/ds| = 2s) at the node
+        times the cell's width, renormalized."""
         base = self.natural_sde(values)
         base = getattr(base, "diffusion", base)
         log_f = stationary_variance_law(base.rate, base.level, base.noise, self.s ** 2) \
-            + torch.log(2.0 * self.s)
-        return log_f - torch.logsumexp(log_f + self.log_w, 0)
+            + torch.log(2.0 * self.s) + self.log_w
+        return log_f - torch.logsumexp(log_f, 0)
 
     def choose_components(self, values: dict[str, Tensor], components: int) -> int:
         """One Gaussian. Measured on daily Heston (κ 3, θ 0.04, ξ 0.4, ρ −0.7, 300 days) at
@@ -165,20 +188,18 @@ class FilteredDensity(TransitionDensity):
         # the scale is added back to the factor): five small operations per observation
         top = kernel.detach().amax((1, 2), keepdim=True)
         scaled = torch.exp(kernel - top)
-        w = torch.exp(self.log_w)
         start = torch.exp(self._initial(values))
-        f, out, filtered, predictive = start, [], [], []
+        prior, out, filtered, predictive = start, [], [], []
         rows = scaled.unbind(0)  # one backward for all rows (indexing each would copy it whole)
         for k in range(scaled.shape[0]):
             if bool(self.first[k]):
-                f = start
-            prior = f * w  # (G_j,)
+                prior = start
             predictive.append(prior.detach())
             joint = prior @ rows[k]  # (G_i,)
-            factor = joint @ w
-            f = joint / factor
+            factor = joint.sum()
+            prior = joint / factor
             out.append(factor)
-            filtered.append(f.detach())
+            filtered.append(prior.detach())
         self.filtered = torch.log(torch.stack(filtered).clamp_min(1e-300))
         self.predictive = torch.log(torch.stack(predictive).clamp_min(1e-300))
         return torch.log(torch.stack(out)) + top[:, 0, 0]
@@ -204,7 +225,7 @@ class FilteredDensity(TransitionDensity):
         """The filter's law of V after each observation: mean and 5 %, 50 %, 95 % quantiles."""
         if self.filtered is None:
             raise ValueError("filtered_summary() needs a log_density evaluation first")
-        prob = torch.exp(self.filtered + self.log_w).cpu().numpy()
+        prob = torch.exp(self.filtered).cpu().numpy()
         prob /= prob.sum(-1, keepdims=True)
         v = (self.s ** 2).cpu().numpy()
         cdf = np.cumsum(prob, -1)
@@ -227,15 +248,25 @@ def _in_root_variance(make_sde: Callable[[dict[str, Tensor]], SDE]
     return build
 
 
-def _mixture_on_grid(layout: MixtureLayout, state: Tensor, y: Tensor, u: Tensor) -> Tensor:
-    """log Σ_c π_c N((yₖ, uᵢ); m_c, L_cL_cᵀ) (r, G_j, G_i) for each member j's 2-D mixture
-    (state (G_j, size)) at every increment yₖ (r,) and every latent node uᵢ (G_i,): the
-    Cholesky factor makes the coordinates separable, z₁ = (y − m₁)/L₁₁, z₂ = (u − m₂ − L₂₁z₁)/L₂₂."""
+def _log_mass(lo: Tensor, hi: Tensor) -> Tensor:
+    """log(Φ(hi) − Φ(lo)) for lo < hi, accurate in either tail (the upper one by symmetry) and
+    finite where the mass underflows (its gradient then vanishes instead of turning NaN)."""
+    upper = lo > 0
+    a, b = torch.where(upper, -hi, lo), torch.where(upper, -lo, hi)
+    log_b, log_a = torch.special.log_ndtr(b), torch.special.log_ndtr(a)
+    return log_b + torch.log1p(-torch.exp(log_a - log_b).clamp(max=1.0 - 1e-16))
+
+
+def _mixture_on_cells(layout: MixtureLayout, state: Tensor, y: Tensor, edges: Tensor) -> Tensor:
+    """log Σ_c π_c N(yₖ; m_c1, L_c11²) P_c(u ∈ [eᵢ, eᵢ₊₁] | yₖ) (r, G_j, G_i) for each member j's
+    2-D mixture (state (G_j, size)), every increment yₖ (r,) and every cell i (edges (G_i + 1,)):
+    the Cholesky factor makes it separable, z₁ = (y − m₁)/L₁₁ and u | y ~ N(m₂ + L₂₁z₁, L₂₂²)."""
     logits, means, entries = layout.unpack(state)
     chol = layout.chol(entries)  # (G_j, C, 2, 2)
     l11, l21, l22 = chol[..., 0, 0], chol[..., 1, 0], chol[..., 1, 1]
     z1 = (y[:, None, None] - means[None, :, :, 0]) / l11  # (r, G_j, C)
-    centre = means[None, :, :, 1] + l21 * z1  # (r, G_j, C)
-    z2 = (u[None, None, None, :] - centre.unsqueeze(-1)) / l22[None, :, :, None]  # (r, G_j, C, G_i)
-    log_c = torch.log_softmax(logits, -1) - torch.log(l11 * l22) - math.log(2.0 * math.pi)
-    return torch.logsumexp((log_c - 0.5 * z1 * z1).unsqueeze(-1) - 0.5 * z2 * z2, 2)
+    centre = (means[None, :, :, 1] + l21 * z1).unsqueeze(-1)  # (r, G_j, C, 1)
+    scale = l22[None, :, :, None]
+    mass = _log_mass((edges[:-1] - centre) / scale, (edges[1:] - centre) / scale)  # (r, G_j, C, G_i)
+    log_c = torch.log_softmax(logits, -1) - torch.log(l11) - 0.5 * math.log(2.0 * math.pi)
+    return torch.logsumexp((log_c - 0.5 * z1 * z1).unsqueeze(-1) + mass, 2)
