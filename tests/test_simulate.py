@@ -334,5 +334,6 @@ def test_every_kind_is_one_family_with_its_parameter_keys() -> None:
     from neuralpde_cli.sdes import FAMILIES, KINDS, PARAMETER_KEYS, SDEConfig, build_sde
     assert set(KINDS) == set(FAMILIES) | {"custom"} == set(PARAMETER_KEYS)
     for kind in FAMILIES:
-        sde = build_sde(SDEConfig(kind=kind), 2, torch.float64, torch.device("cpu"))  # the defaults' dim
-        assert sde.dim == 2, kind
+        dim = 1 if kind == "merton" else 2  # the defaults' dim; Merton's state is log S alone
+        sde = build_sde(SDEConfig(kind=kind), dim, torch.float64, torch.device("cpu"))
+        assert sde.dim == dim, kind
