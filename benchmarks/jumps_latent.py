@@ -117,7 +117,8 @@ def _heston(work: Path, n: int, particles: int, runs: int) -> list[Row]:
                  "data.proxy=V", "equation.dim=2", "equation.sde.kind=heston", "hydra.run.dir=hcal"],
                 work)
     fit = json.loads((work / "hcal" / "fit.json").read_text())
-    distance = {p: (fit["estimates"][p] - HESTON[p]) / fit["se"][p] for p in HESTON}
+    distance = {p: (fit["estimates"][p] - HESTON[p]) / fit["se"][p] if fit["se"][p] else math.nan
+                for p in HESTON}  # a null SE (not finite) is written as null
     return [
         row("grid filter (log L at the true θ)", f"Heston, log S only, n = {n}", n=n,
             time_s=grid_time, loglik=grid, reference_loglik=float(pf.mean()),
@@ -128,8 +129,9 @@ def _heston(work: Path, n: int, particles: int, runs: int) -> list[Row]:
         row("neuralpde calibrate (heston, V latent)", f"Heston, log S only, n = {n}", n=n,
             time_s=wall, loglik=fit["loglik"], max_distance_se=max(abs(v) for v in distance.values()),
             target=f"one fit ≤ 5 min: {'met' if wall <= 300 else 'not met'}",
-            note="; ".join(f"{p} {fit['estimates'][p]:.4g} ± {fit['se'][p]:.2g} (true {HESTON[p]:g}, "
-                           f"{distance[p]:+.1f} SE)" for p in HESTON)),
+            note="; ".join(f"{p} {fit['estimates'][p]:.4g} ± {fit['se'][p] or math.nan:.2g} (true "
+                           f"{HESTON[p]:g}, {distance[p]:+.1f} SE)" for p in HESTON)
+            + f"; converged: {fit['converged']}"),
     ]
 
 
