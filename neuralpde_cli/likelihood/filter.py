@@ -144,16 +144,24 @@ class FilteredDensity(TransitionDensity):
                                      MIN_NODES, MAX_NODES))
         return np.linspace(lo, hi, count)
 
-    def _kernel(self, values: dict[str, Tensor], differentiable: bool) -> Tensor:
-        """log p(Δyₖ, sᵢ | sⱼ) (n, G_j, G_i) for every observation."""
+    def _laws(self, values: dict[str, Tensor], differentiable: bool
+              ) -> list[tuple[Tensor, MixtureLayout, Tensor]]:
+        """Per distinct Δ: the observations with it, and every node's law over it (the march's
+        state at its horizon, with the jumps that arrive in Δ)."""
         state = self._node_states(values, differentiable)  # (steps, G, size) by horizon
-        y = self.observed.x1[:, 0] - self.observed.x0[:, 0]
-        edges = 2.0 * self.edges - 2.0  # the cells in the march's coordinate 2√V − 2
         out = []
         for k in range(self.steps.shape[0]):
             horizon = int(torch.nonzero(torch.isclose(self.horizons + self.eps, self.steps[k]))[0, 0])
             layout, st = self.law(state[horizon], self.steps[k].expand(state.shape[1]))
-            rows = torch.nonzero(self.step_of == k)[:, 0]
+            out.append((torch.nonzero(self.step_of == k)[:, 0], layout, st))
+        return out
+
+    def _kernel(self, values: dict[str, Tensor], differentiable: bool) -> Tensor:
+        """log p(Δyₖ, sᵢ | sⱼ) (n, G_j, G_i) for every observation."""
+        y = self.observed.x1[:, 0] - self.observed.x0[:, 0]
+        edges = 2.0 * self.edges - 2.0  # the cells in the march's coordinate 2√V − 2
+        out = []
+        for rows, layout, st in self._laws(values, differentiable):
             for begin in range(0, rows.shape[0], CHUNK):
                 part = rows[begin:begin + CHUNK]
                 fn = lambda st_, y_: _mixture_on_cells(layout, st_, y_, edges)  # noqa: E731
@@ -208,13 +216,9 @@ class FilteredDensity(TransitionDensity):
         """P(Δy ≤ Δyₖ | y₁…yₖ₋₁) (n,): the filter's one-step predictive CDF of each increment."""
         with torch.no_grad():
             self.log_density(values, False)
-            state = self._node_states(values, False)
             y = self.observed.x1[:, 0] - self.observed.x0[:, 0]
             out = torch.empty_like(y)
-            for k in range(self.steps.shape[0]):
-                horizon = int(torch.nonzero(torch.isclose(self.horizons + self.eps, self.steps[k]))[0, 0])
-                layout, st = self.law(state[horizon], self.steps[k].expand(state.shape[1]))
-                rows = torch.nonzero(self.step_of == k)[:, 0]
+            for rows, layout, st in self._laws(values, False):
                 points = torch.stack([y[rows], torch.zeros_like(y[rows])], -1)
                 cdf = self.cdf(layout, st, points.unsqueeze(0).expand(st.shape[0], -1, -1))  # (G, r)
                 weights = torch.softmax(self.predictive[rows], -1)  # (r, G)
