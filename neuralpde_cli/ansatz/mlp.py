@@ -21,15 +21,18 @@ everywhere, so the tails are Gaussian whatever the network does where it was nev
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from neuralpde_cli.ansatz.base import DensityAnsatz, hutchinson_directions
-from neuralpde_cli.equations.base import DensityEquation, LogDensityFields, gaussian_log_density
+from neuralpde_cli.equations.base import (DensityEquation, Ensemble, LogDensityFields,
+                                          gaussian_log_density)
 from neuralpde_cli.errors import UserError, check_choice
 
 
@@ -46,8 +49,11 @@ class MLPConfig:
     #: 0: exact trace tr(D∇²ℓ); k > 0: Hutchinson estimate with k Rademacher probes.
     probes: int = 0
     #: density equations: ``gaussian``: log p = log N(m(t), Σ(t)) + c·tanh(f/c), the Gaussian's
-    #: moments learned (tails bounded by e^c times a Gaussian); ``none``: log p = f.
-    envelope: str = "gaussian"
+    #: moments learned (tails bounded by e^c times a Gaussian); ``ensemble``: N(m(t), Σ(t)) fitted
+    #: to an Euler–Maruyama ensemble of the SDE and held fixed, the network reading x whitened by
+    #: it, log p = log N + φ(t)·min-like(f, c) (φ(0) = 0; p ≤ e^c·N, thinner tails allowed);
+    #: ``none``: log p = f; ``auto``: gaussian where the law is Gaussian, ensemble elsewhere.
+    envelope: str = "auto"
     #: c, the bound on the network's correction to the envelope in log p (e^c as a factor)
     correction_bound: float = 3.0
     #: width of the small network of t that gives the envelope's mean and covariance
@@ -92,7 +98,9 @@ ACTIVATIONS: dict[str, Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]] = {
     "tanh": _tanh, "softplus": _softplus, "silu": _silu, "sin": _sin,
 }
 OUTPUTS = {"log": _identity, "softplus": _log_softplus}
-ENVELOPES = ("gaussian", "none")
+ENVELOPES = ("auto", "gaussian", "ensemble", "none")
+#: Adam steps fitting an ensemble envelope's moments (a few seconds at most)
+ENVELOPE_FIT_STEPS = 1500
 
 
 def _bounded(c: float) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
@@ -101,6 +109,15 @@ def _bounded(c: float) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
         h = torch.tanh(a / c)
         d1 = 1.0 - h * h
         return c * h, d1, -2.0 * h * d1 / c
+    return g
+
+
+def _capped(c: float) -> Callable[[Tensor], tuple[Tensor, Tensor, Tensor]]:
+    """a ↦ c − softplus(c − a): ≈ a below c, never above it, unbounded below: a density at most
+    e^c times its envelope, free to fall faster (a double well's x⁴ tails under a Gaussian)."""
+    def g(a: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        s = torch.sigmoid(c - a)
+        return c - torch.nn.functional.softplus(c - a), s, -s * (1.0 - s)
     return g
 
 
@@ -164,6 +181,26 @@ class GaussianEnvelope(torch.nn.Module):
         rdr = dr @ r.transpose(-1, -2)
         dcov = b + b.transpose(-1, -2) + r @ r.transpose(-1, -2) + tt * (rdr + rdr.transpose(-1, -2))
         return mean, cov, dmean, dcov
+
+    def fit(self, times: Tensor, means: Tensor, covs: Tensor, steps: int = ENVELOPE_FIT_STEPS) -> float:
+        """Fit m(t), Σ(t) to given moments (an ensemble's) and freeze them; returns the final
+        misfit (mean Mahalanobis² of the means plus the whitened covariance error²)."""
+        chol = torch.linalg.cholesky(covs + 1e-12 * torch.eye(self.dim, dtype=covs.dtype,
+                                                             device=covs.device))
+        opt = torch.optim.Adam(self.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps, eta_min=1e-4)
+        for _ in range(steps):
+            mean, cov = self.moments(times)
+            dm = torch.linalg.solve_triangular(chol, (mean - means).unsqueeze(-1), upper=False)
+            a = torch.linalg.solve_triangular(chol, cov - covs, upper=False)
+            dc = torch.linalg.solve_triangular(chol, a.transpose(-1, -2), upper=False)
+            loss = (dm ** 2).sum((-1, -2)).mean() + (dc ** 2).sum((-1, -2)).mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            sched.step()
+        self.requires_grad_(False)
+        return float(loss.detach())
 
     def _lower(self, entries: Tensor) -> Tensor:
         """The lower-triangular factor of the growth term, rows scaled by the spread s."""
@@ -229,7 +266,7 @@ class MLP(DensityAnsatz):
 
     def __init__(self, cfg: MLPConfig, input_shift: Tensor, input_scale: Tensor,
                  has_time: bool, initial: tuple[Tensor, Tensor] | None = None,
-                 t_final: float = 1.0) -> None:
+                 t_final: float = 1.0, ensemble: Ensemble | None = None) -> None:
         super().__init__()
         check_choice("ansatz.activation", cfg.activation, ACTIVATIONS)
         check_choice("ansatz.output", cfg.output, OUTPUTS)
@@ -243,7 +280,11 @@ class MLP(DensityAnsatz):
         check_choice("ansatz.envelope", cfg.envelope, ENVELOPES)
         #: the envelope needs a density equation's initial Gaussian; a field (steady) has none
         self.envelope: GaussianEnvelope | None = None
-        if cfg.envelope == "gaussian" and has_time and initial is not None:
+        #: ensemble envelope: the network reads (warped t, t, x whitened by the envelope)
+        self.whiten = cfg.envelope == "ensemble" and has_time and initial is not None
+        if self.whiten and ensemble is None:
+            raise UserError("ansatz.envelope=ensemble needs the equation's SDE ensemble")
+        if cfg.envelope in ("gaussian", "ensemble") and has_time and initial is not None:
             if cfg.output != "log":
                 raise UserError(f"ansatz.envelope=gaussian corrects log p; ansatz.output="
                                 f"{cfg.output} does not give log p (use ansatz.output=log or "
@@ -251,23 +292,38 @@ class MLP(DensityAnsatz):
             if not 0 < cfg.correction_bound < math.inf or cfg.envelope_width < 1:
                 raise UserError(f"ansatz.correction_bound={cfg.correction_bound} must be > 0 and "
                                 f"ansatz.envelope_width={cfg.envelope_width} ≥ 1")
-            self.envelope = GaussianEnvelope(initial[0], initial[1], t_final, input_scale[1:],
+            spread = input_scale[1:]
+            if self.whiten:
+                means, covs = ensemble.moments()
+                spread = torch.sqrt(torch.diagonal(covs[-1]))
+            self.envelope = GaussianEnvelope(initial[0], initial[1], t_final, spread,
                                              cfg.envelope_width)
+            if self.whiten:
+                self.envelope_misfit = self.envelope.fit(ensemble.times, means, covs)
+                var = torch.diagonal(covs, dim1=-2, dim2=-1).mean(-1)
+                #: log of the variance's growth over [0, T]: the warped time's denominator
+                self.log_growth = float(torch.log(var.max() / var[0]))
         self.cfg = cfg
         self.has_time = has_time
         self.t_final = t_final
         self.activation = ACTIVATIONS[cfg.activation]
-        self.output = OUTPUTS[cfg.output] if self.envelope is None else _bounded(cfg.correction_bound)
+        self.output = OUTPUTS[cfg.output] if self.envelope is None else \
+            _capped(cfg.correction_bound) if self.whiten else _bounded(cfg.correction_bound)
         self.register_buffer("input_shift", input_shift)
         self.register_buffer("input_scale", input_scale)
         if initial is not None:
             self.register_buffer("initial_mean", initial[0])
             self.register_buffer("initial_cov", initial[1])
             self.register_buffer("initial_precision", torch.linalg.inv(initial[1]))
-        self.exact_initial_condition = cfg.hard_ic
+        self.exact_initial_condition = cfg.hard_ic or self.whiten
         #: log-densities grow like d: scale the last layer so the network's output stays O(1)
         self.output_scale = max(1.0, (input_shift.shape[0] - 1) / 2.0) if has_time else 1.0
-        n_in = input_shift.shape[0]
+        n_in = input_shift.shape[0] + (1 if self.whiten else 0)
+        #: per time, log Z(t) of the density on a grid of times (:meth:`normalize`); zero until
+        #: set, and only ensemble envelopes use it
+        grid = ensemble.times[::4] if self.whiten else input_shift.new_zeros(1)
+        self.register_buffer("norm_times", grid.clone())
+        self.register_buffer("norm_log_mass", torch.zeros_like(grid))
         sizes = [n_in] + [cfg.width] * cfg.depth + [1]
         self.layers = torch.nn.ModuleList(
             torch.nn.Linear(a, b, dtype=input_shift.dtype, device=input_shift.device)
@@ -283,14 +339,92 @@ class MLP(DensityAnsatz):
         """Inputs normalized by the equation's own scales: (t, x) for a density, (x, y) else."""
         shift, scale = equation.input_normalization()
         if isinstance(equation, DensityEquation):
+            if cfg.envelope == "auto":
+                like = equation.initial_mean
+                gaussian = equation.exact_moments(like.new_zeros(1)) is not None
+                cfg = dataclasses.replace(cfg, envelope="gaussian" if gaussian else "ensemble")
+            ensemble = equation.ensemble() if cfg.envelope == "ensemble" else None
             return cls(cfg, shift, scale, True, (equation.initial_mean, equation.initial_cov),
-                       equation.t_final)
+                       equation.t_final, ensemble)
         return cls(cfg, shift, scale, False)
 
     # --- plain evaluation ----------------------------------------------------------------
+    def _features(self, inputs: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """The network's input from raw (t, x) or (x, y), the factor each raw coordinate's
+        direction is scaled by ((n_in,) shared, or (N, n_in) per point), and φ(t) (N,) (the
+        correction's time factor, ensemble envelopes only).
+
+        Ensemble envelope: (2w − 1, 2t/T − 1, z/2), z = (x − m(t))/s(t) the point whitened by the
+        envelope's mean and per-coordinate std, w = log(v(t)/v(0))/log(v_max/v(0)) the time
+        warped by the variance's growth (a narrow start changes fastest at t ≈ 0: in w every
+        stretch of growth is resolved alike); φ = 1 − e^(−3w), so p(0) = p₀ exactly."""
+        if not self.whiten:
+            return (inputs - self.input_shift) / self.input_scale, 1.0 / self.input_scale, None
+        t, x = inputs[:, 0], inputs[:, 1:]
+        mean, cov = self.envelope.moments(t)
+        var = torch.diagonal(cov, dim1=-2, dim2=-1)
+        std = torch.sqrt(var)
+        tau = t / self.t_final
+        w = torch.log(var.mean(-1) / self.envelope.cov0.diagonal().mean()) / self.log_growth \
+            if self.log_growth > 0.1 else tau
+        h = torch.cat([(2.0 * w - 1.0)[:, None], (2.0 * tau - 1.0)[:, None], 0.5 * (x - mean) / std], -1)
+        zero = torch.zeros_like(t)[:, None]
+        factor = torch.cat([zero, zero, 0.5 / std], -1)  # directions: (0, v) ↦ (0, 0, v/2s)
+        return h, factor, 1.0 - torch.exp(-3.0 * w)
+
+    def _directions(self, directions: Tensor, factor: Tensor) -> Tensor:
+        """Raw-input directions (m, n_raw) or (N, m, n_raw) in the network's input space."""
+        if not self.whiten:
+            return directions * factor
+        d = directions[..., 1:]
+        if d.dim() == 2:
+            d = d.unsqueeze(0).expand(factor.shape[0], *d.shape)
+        pad = d.new_zeros(*d.shape[:-1], 2)
+        return torch.cat([pad, d], -1) * factor.unsqueeze(-2)
+
+    # --- normalization (ensemble envelope) -----------------------------------------------
+    def log_mass(self, t: Tensor) -> Tensor:
+        """log Z(t), piecewise linear between the grid times of :meth:`normalize`."""
+        grid, values = self.norm_times, self.norm_log_mass
+        k = torch.clamp(torch.searchsorted(grid, t.detach()), 1, grid.shape[0] - 1)
+        t0, t1 = grid[k - 1], grid[k]
+        a = torch.clamp((t - t0) / (t1 - t0), 0.0, 1.0)
+        return values[k - 1] + a * (values[k] - values[k - 1])
+
+    @torch.no_grad()
+    def normalize(self, nodes_1d: int = 48, samples: int = 1 << 14) -> None:
+        """Set log Z(t) = log E_N[e^(φ·correction)] under the envelope N(m(t), Σ(t)) at the grid
+        times: Gauss–Hermite nodes (d ≤ 2), else a fixed set of normal draws. The log-space
+        residual cannot see a constant per time (it only changes ∂ₜ log Z), so mass is set here."""
+        if not self.whiten:
+            return
+        d = self.envelope.dim
+        like = self.norm_times
+        if d <= 2:
+            z1, w1 = np.polynomial.hermite_e.hermegauss(nodes_1d)
+            grids = np.meshgrid(*([z1] * d), indexing="ij")
+            z = torch.as_tensor(np.stack([g.ravel() for g in grids], -1), dtype=like.dtype,
+                                device=like.device)
+            logw = torch.as_tensor(sum(np.log(np.meshgrid(*([w1 / w1.sum()] * d),
+                                                          indexing="ij")[i].ravel())
+                                       for i in range(d)), dtype=like.dtype, device=like.device)
+        else:
+            gen = torch.Generator(device="cpu").manual_seed(7)
+            z = torch.randn(samples, d, generator=gen, dtype=like.dtype).to(like.device)
+            logw = torch.full((samples,), -math.log(samples), dtype=like.dtype, device=like.device)
+        out = []
+        for t in like.tolist():
+            tt = like.new_full((z.shape[0],), t)
+            mean, cov = self.envelope.moments(tt[:1])
+            x = mean + z @ torch.linalg.cholesky(cov[0]).T
+            inputs = self._inputs(tt, x)
+            phi = self._features(inputs)[2]
+            out.append(torch.logsumexp(logw + phi * self.output(self.forward(inputs))[0], 0))
+        self.norm_log_mass.copy_(torch.stack(out))
+
     def forward(self, inputs: Tensor) -> Tensor:
-        """The raw network output f at raw inputs (N, n_in) → (N,)."""
-        h = (inputs - self.input_shift) / self.input_scale
+        """The raw network output f at raw inputs (N, n_raw) → (N,)."""
+        h = self._features(inputs)[0]
         for layer in self.layers[:-1]:
             h = self.activation(layer(h))[0]
         return self.output_scale * self.layers[-1](h).squeeze(-1)
@@ -300,6 +434,9 @@ class MLP(DensityAnsatz):
 
     def log_density(self, t: Tensor, x: Tensor, cond: Tensor | None = None) -> Tensor:
         out = self.output(self.forward(self._inputs(t, x)))[0]
+        if self.whiten:
+            phi = self._features(self._inputs(t, x))[2]
+            return self.envelope.log_density(t, x) + phi * out - self.log_mass(t)
         if self.envelope is not None:
             base = self.envelope.log_density(t, x)
             return base + ((t / self.t_final) * out if self.cfg.hard_ic else out)
@@ -313,8 +450,8 @@ class MLP(DensityAnsatz):
 
         ``directions`` are in raw input space, (m, n_in) shared or (N, m, n_in) per point.
         """
-        h = (inputs - self.input_shift) / self.input_scale
-        dh = directions / self.input_scale
+        h, factor, phi = self._features(inputs)
+        dh = self._directions(directions, factor)
         s2 = None
         for k, layer in enumerate(self.layers):
             a = layer(h)
@@ -333,6 +470,8 @@ class MLP(DensityAnsatz):
             dh = dh.unsqueeze(0).expand(inputs.shape[0], *dh.shape)
         o, do, so = h.squeeze(-1), dh.squeeze(-1), s2.squeeze(-1)
         g, g1, g2 = self.output(o)
+        if phi is not None:  # the correction's time factor (x-independent)
+            g, g1, g2 = phi * g, phi * g1, phi * g2
         return g, g1.unsqueeze(-1) * do, g1 * so + g2 * (do * do).sum(-1)
 
     def log_density_fields(self, t: Tensor, x: Tensor, diffusion_sqrt: Tensor, probes: int = 0,
@@ -350,7 +489,7 @@ class MLP(DensityAnsatz):
         dt, grad = grads[:, 0], grads[:, 1:]
         if self.envelope is not None:  # log N in closed form, plus the (τ-scaled) correction
             base = self.envelope.fields(t, x, vx)
-            if not self.cfg.hard_ic:
+            if not self.cfg.hard_ic or self.whiten:
                 return LogDensityFields(base.log_p + f, base.dt_log_p + dt, base.grad + grad,
                                         base.trace_dh + trace)
             tau = t / self.t_final

@@ -120,8 +120,17 @@ def _grid_report(equation: Any, ansatz: Any, run: RunDir, extra: dict[str, Any])
     return {"metrics": metrics, "resolution": n, **extra}
 
 
+def _normalized(solution: torch.nn.Module) -> torch.nn.Module:
+    """The solution with its mass set where the ansatz sets it after training (an MLP with an
+    ensemble envelope: log Z(t) by quadrature); others are normalized by construction."""
+    normalize = getattr(solution, "normalize", None)
+    if normalize is not None:
+        normalize()
+    return solution
+
+
 def _density_report(equation: DensityEquation, solution: torch.nn.Module, run: RunDir) -> dict[str, float]:
-    metrics = equation.evaluate(solution)
+    metrics = equation.evaluate(_normalized(solution))
     extra = getattr(equation, "evaluate_extra", None)
     if extra is not None:
         metrics.update(extra(solution))
@@ -162,7 +171,7 @@ def _run_gradient(cfg: DictConfig, equation: Any, ansatz: Any, solver: GradientS
         sampler = CollocationSampler(OmegaConf.to_object(cfg.sampler), equation, ansatz, generator)
         objective = DensityObjective(equation, ansatz, sampler)
         trainer = solver.run(ansatz, objective, trainer_cfg, run,
-                             lambda: equation.evaluate(ansatz, n_points=1024, quick=True),
+                             lambda: equation.evaluate(_normalized(ansatz), n_points=1024, quick=True),
                              "rel_l2_error", resume_state, DENSITY_LIVE_METRICS)
         metrics = _density_report(equation, ansatz, run)
     elif isinstance(ansatz, MLP):

@@ -10,14 +10,17 @@ from torch import Tensor
 from neuralpde_cli.equations.base import DensityEquation
 from neuralpde_cli.errors import UserError, check_choice
 
-KINDS = ("gaussian", "uniform", "self", "mixture")
+KINDS = ("auto", "gaussian", "uniform", "self", "mixture", "paths")
 
 
 @dataclass
 class SamplerConfig:
     #: gaussian: the equation's widening envelope; uniform: a box around it; self: draws from the
-    #: current solution (importance sampling, needs a samplable ansatz); mixture: both.
-    name: str = "gaussian"
+    #: current solution (importance sampling, needs a samplable ansatz); mixture: both; paths:
+    #: an Euler–Maruyama ensemble of the equation's SDE (the law itself, in any dimension), half
+    #: of the points moved by ``spread`` ensemble stds into the tails; auto: paths where the law
+    #: is not Gaussian (no exact moments), gaussian where it is.
+    name: str = "auto"
     batch_size: int = 256
     #: envelope widths covered: each point's scale is uniform in [1/spread, spread] (gaussian),
     #: or the box half-width in envelope stds (uniform). In high d a Gaussian's mass sits on a
@@ -48,6 +51,11 @@ class CollocationSampler:
         self.equation = equation
         self.ansatz = ansatz
         self.generator = generator
+        self.kind = resolve_kind(cfg.name, equation)
+        if self.kind == "paths":
+            ensemble = equation.ensemble()
+            self.times_grid, self.paths = ensemble.times, ensemble.paths
+            self.path_std = torch.sqrt(torch.diagonal(ensemble.moments()[1], dim1=-2, dim2=-1))
 
     def _uniform(self, n: int) -> Tensor:
         ref = self.equation.initial_mean
@@ -62,20 +70,43 @@ class CollocationSampler:
 
     def envelope_points(self, t: Tensor) -> Tensor:
         mean, std = self.equation.envelope(t)
-        if self.cfg.name == "uniform":
+        if self.kind == "uniform":
             box = 2.0 * self._uniform(t.shape[0] * self.equation.dim).reshape(t.shape[0], -1) - 1.0
             return mean + self.cfg.spread * std * box
         lo = 1.0 / self.cfg.spread
         scale = lo + (self.cfg.spread - lo) * self._uniform(t.shape[0]).unsqueeze(-1)
         return mean + scale * std * self._normal(t.shape[0], self.equation.dim)
 
+    def path_points(self, n: int) -> tuple[Tensor, Tensor]:
+        """States of random paths at random grid times (t > 0); the second half moved by
+        N(0, spread² std²) with the ensemble's std at that time, into the tails."""
+        k = torch.randint(1, self.times_grid.shape[0], (n,), generator=self.generator)
+        j = torch.randint(0, self.paths.shape[1], (n,), generator=self.generator)
+        k, j = k.to(self.paths.device), j.to(self.paths.device)
+        x = self.paths[k, j].clone()
+        half = n // 2
+        x[half:] += self.cfg.spread * self.path_std[k[half:]] * self._normal(n - half, x.shape[1])
+        return self.times_grid[k], x
+
     def __call__(self, n: int | None = None) -> tuple[Tensor, Tensor]:
         n = n or self.cfg.batch_size
+        if self.kind == "paths":
+            return self.path_points(n)
         t = self.times(n)
-        if self.cfg.name in ("gaussian", "uniform"):
+        if self.kind in ("gaussian", "uniform"):
             return t, self.envelope_points(t)
-        n_self = n if self.cfg.name == "self" else int(round(self.cfg.self_fraction * n))
+        n_self = n if self.kind == "self" else int(round(self.cfg.self_fraction * n))
         with torch.no_grad():
             x_self = self.ansatz.sample(t[:n_self], generator=self.generator)
         x_env = self.envelope_points(t[n_self:])
         return t, torch.cat([x_self, x_env]).detach()
+
+
+def resolve_kind(name: str, equation: DensityEquation) -> str:
+    """``auto`` → ``paths`` for a law without closed-form moments (a nonlinear drift, a
+    state-dependent noise: where an envelope Gaussian misplaces the points), else ``gaussian``."""
+    if name != "auto":
+        return name
+    like = equation.initial_mean
+    exact = equation.exact_moments(like.new_zeros(1))
+    return "gaussian" if exact is not None else "paths"
