@@ -231,6 +231,21 @@ class GaussianEnvelope(torch.nn.Module):
         return LogDensityFields(log_p, dt, -py, -(precision * gram).sum((-1, -2)))
 
 
+class TailPrecision(torch.nn.Module):
+    """β(t) = softplus(b + v·tanh(W·u + c)) ≥ 0 from the time features u (N, 2), a small
+    network of time only; it starts near 0 (softplus(−4) ≈ 0.02)."""
+
+    def __init__(self, dtype: torch.dtype, device: torch.device, width: int = 8) -> None:
+        super().__init__()
+        self.hidden = torch.nn.Linear(2, width, dtype=dtype, device=device)
+        self.out = torch.nn.Linear(width, 1, dtype=dtype, device=device)
+        torch.nn.init.zeros_(self.out.weight)
+        torch.nn.init.constant_(self.out.bias, -4.0)
+
+    def forward(self, u: Tensor) -> Tensor:
+        return torch.nn.functional.softplus(self.out(torch.tanh(self.hidden(u)))).squeeze(-1)
+
+
 def _spd_inverse(cov: Tensor) -> tuple[Tensor, Tensor]:
     """Σ⁻¹ and log det Σ for a batch (N, d, d): cofactors for d ≤ 3 (a few elementwise
     operations, where batched LAPACK calls on tiny matrices cost more than the network), a
@@ -308,7 +323,8 @@ class MLP(DensityAnsatz):
         self.t_final = t_final
         self.activation = ACTIVATIONS[cfg.activation]
         self.output = OUTPUTS[cfg.output] if self.envelope is None else \
-            _capped(cfg.correction_bound) if self.whiten else _bounded(cfg.correction_bound)
+            _capped(cfg.correction_bound * max(1.0, input_shift.shape[0] / 2.0 - 0.5)) if self.whiten \
+            else _bounded(cfg.correction_bound)
         self.register_buffer("input_shift", input_shift)
         self.register_buffer("input_scale", input_scale)
         if initial is not None:
@@ -319,11 +335,12 @@ class MLP(DensityAnsatz):
         #: log-densities grow like d: scale the last layer so the network's output stays O(1)
         self.output_scale = max(1.0, (input_shift.shape[0] - 1) / 2.0) if has_time else 1.0
         n_in = input_shift.shape[0] + (1 if self.whiten else 0)
-        #: per time, log Z(t) of the density on a grid of times (:meth:`normalize`); zero until
-        #: set, and only ensemble envelopes use it
-        grid = ensemble.times[::4] if self.whiten else input_shift.new_zeros(1)
-        self.register_buffer("norm_times", grid.clone())
-        self.register_buffer("norm_log_mass", torch.zeros_like(grid))
+        #: log Z(t) per time once :meth:`normalize` was called (None: not normalized)
+        self._log_masses: dict[float, Tensor] | None = None
+        #: β(t) ≥ 0: narrows the tails beyond the collocation points, where a bounded network
+        #: goes flat (a double well's log-density falls like −x⁴; a capped correction over a
+        #: Gaussian left 4 % of the mass far out in 2-D)
+        self.tail = TailPrecision(input_shift.dtype, input_shift.device) if self.whiten else None
         sizes = [n_in] + [cfg.width] * cfg.depth + [1]
         self.layers = torch.nn.ModuleList(
             torch.nn.Linear(a, b, dtype=input_shift.dtype, device=input_shift.device)
@@ -383,44 +400,51 @@ class MLP(DensityAnsatz):
         return torch.cat([pad, d], -1) * factor.unsqueeze(-2)
 
     # --- normalization (ensemble envelope) -----------------------------------------------
+    def normalize(self) -> None:
+        """From now on :meth:`log_density` is divided by Z(t) = E_N[e^(correction)] under the
+        envelope N(m(t), Σ(t)) (:meth:`log_mass`), computed at each time asked for. The log-space
+        residual cannot see a constant per time (it only changes ∂ₜ log Z), so mass is set here;
+        called after training (its parameters change Z)."""
+        if self.whiten:
+            self._log_masses = {}
+
     def log_mass(self, t: Tensor) -> Tensor:
-        """log Z(t), piecewise linear between the grid times of :meth:`normalize`."""
-        grid, values = self.norm_times, self.norm_log_mass
-        k = torch.clamp(torch.searchsorted(grid, t.detach()), 1, grid.shape[0] - 1)
-        t0, t1 = grid[k - 1], grid[k]
-        a = torch.clamp((t - t0) / (t1 - t0), 0.0, 1.0)
-        return values[k - 1] + a * (values[k] - values[k - 1])
+        """log Z(t) (N,): zero before :meth:`normalize`; else per distinct time, Gauss–Hermite
+        nodes (48 per axis, d ≤ 2: exact to ~1e-10 for a smooth correction) or 2¹⁴ fixed normal
+        draws (d > 2: a Monte Carlo estimate) under the envelope."""
+        if self._log_masses is None:
+            return torch.zeros_like(t)
+        out = torch.empty_like(t)
+        for value in torch.unique(t.detach()).tolist():
+            if value not in self._log_masses:
+                self._log_masses[value] = self._quadrature_log_mass(value)
+            out[t.detach() == value] = self._log_masses[value]
+        return out
 
     @torch.no_grad()
-    def normalize(self, nodes_1d: int = 48, samples: int = 1 << 14) -> None:
-        """Set log Z(t) = log E_N[e^(φ·correction)] under the envelope N(m(t), Σ(t)) at the grid
-        times: Gauss–Hermite nodes (d ≤ 2), else a fixed set of normal draws. The log-space
-        residual cannot see a constant per time (it only changes ∂ₜ log Z), so mass is set here."""
-        if not self.whiten:
-            return
+    def _quadrature_log_mass(self, t: float, nodes_1d: int = 48, samples: int = 1 << 14) -> Tensor:
         d = self.envelope.dim
-        like = self.norm_times
+        like = self.envelope.mean0
         if d <= 2:
             z1, w1 = np.polynomial.hermite_e.hermegauss(nodes_1d)
-            grids = np.meshgrid(*([z1] * d), indexing="ij")
-            z = torch.as_tensor(np.stack([g.ravel() for g in grids], -1), dtype=like.dtype,
-                                device=like.device)
-            logw = torch.as_tensor(sum(np.log(np.meshgrid(*([w1 / w1.sum()] * d),
-                                                          indexing="ij")[i].ravel())
-                                       for i in range(d)), dtype=like.dtype, device=like.device)
+            z = np.stack([g.ravel() for g in np.meshgrid(*([z1] * d), indexing="ij")], -1)
+            logw = sum(np.log(g.ravel()) for g in np.meshgrid(*([w1 / w1.sum()] * d), indexing="ij"))
+            z, logw = (torch.as_tensor(a, dtype=like.dtype, device=like.device) for a in (z, logw))
         else:
             gen = torch.Generator(device="cpu").manual_seed(7)
             z = torch.randn(samples, d, generator=gen, dtype=like.dtype).to(like.device)
             logw = torch.full((samples,), -math.log(samples), dtype=like.dtype, device=like.device)
-        out = []
-        for t in like.tolist():
-            tt = like.new_full((z.shape[0],), t)
-            mean, cov = self.envelope.moments(tt[:1])
-            x = mean + z @ torch.linalg.cholesky(cov[0]).T
-            inputs = self._inputs(tt, x)
-            phi = self._features(inputs)[2]
-            out.append(torch.logsumexp(logw + phi * self.output(self.forward(inputs))[0], 0))
-        self.norm_log_mass.copy_(torch.stack(out))
+        tt = like.new_full((z.shape[0],), t)
+        mean, cov = self.envelope.moments(tt[:1])
+        x = mean + z @ torch.linalg.cholesky(cov[0]).T
+        return torch.logsumexp(logw + self._correction(self._inputs(tt, x)), 0)
+
+    def _correction(self, inputs: Tensor) -> Tensor:
+        """log p − log N(envelope) of an ensemble envelope, before normalization:
+        φ(t)·(g(f) − β(t)|z|²/2), g capped above, β ≥ 0 a learned narrowing of the tails."""
+        h, _, phi = self._features(inputs)
+        f = self.output(self.forward(inputs))[0]
+        return phi * (f - 0.5 * self.tail(h[:, :2]) * 4.0 * (h[:, 2:] ** 2).sum(-1))
 
     def forward(self, inputs: Tensor) -> Tensor:
         """The raw network output f at raw inputs (N, n_raw) → (N,)."""
@@ -435,8 +459,8 @@ class MLP(DensityAnsatz):
     def log_density(self, t: Tensor, x: Tensor, cond: Tensor | None = None) -> Tensor:
         out = self.output(self.forward(self._inputs(t, x)))[0]
         if self.whiten:
-            phi = self._features(self._inputs(t, x))[2]
-            return self.envelope.log_density(t, x) + phi * out - self.log_mass(t)
+            return self.envelope.log_density(t, x) + self._correction(self._inputs(t, x)) \
+                - self.log_mass(t)
         if self.envelope is not None:
             base = self.envelope.log_density(t, x)
             return base + ((t / self.t_final) * out if self.cfg.hard_ic else out)
@@ -452,6 +476,7 @@ class MLP(DensityAnsatz):
         """
         h, factor, phi = self._features(inputs)
         dh = self._directions(directions, factor)
+        h0, dh0 = h, dh
         s2 = None
         for k, layer in enumerate(self.layers):
             a = layer(h)
@@ -470,9 +495,18 @@ class MLP(DensityAnsatz):
             dh = dh.unsqueeze(0).expand(inputs.shape[0], *dh.shape)
         o, do, so = h.squeeze(-1), dh.squeeze(-1), s2.squeeze(-1)
         g, g1, g2 = self.output(o)
-        if phi is not None:  # the correction's time factor (x-independent)
-            g, g1, g2 = phi * g, phi * g1, phi * g2
-        return g, g1.unsqueeze(-1) * do, g1 * so + g2 * (do * do).sum(-1)
+        dg, s2g = g1.unsqueeze(-1) * do, g1 * so + g2 * (do * do).sum(-1)
+        if phi is None:
+            return g, dg, s2g
+        # ensemble envelope: φ(t)·(g − β(t)|z|²/2); z = 2·(the x features), so |z|² = 4Σh²,
+        # its derivative along a direction 8Σh·dh, its second derivatives summed 8Σdh²
+        hx, dhx = h0[:, 2:], dh0[..., 2:]
+        beta = self.tail(h0[:, :2])
+        q, dq, s2q = 4.0 * (hx * hx).sum(-1), 8.0 * (hx.unsqueeze(-2) * dhx).sum(-1), \
+            8.0 * (dhx * dhx).sum((-1, -2))
+        b = beta.unsqueeze(-1)
+        return phi * (g - 0.5 * beta * q), phi.unsqueeze(-1) * (dg - 0.5 * b * dq), \
+            phi * (s2g - 0.5 * beta * s2q)
 
     def log_density_fields(self, t: Tensor, x: Tensor, diffusion_sqrt: Tensor, probes: int = 0,
                            generator: torch.Generator | None = None,

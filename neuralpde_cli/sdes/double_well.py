@@ -14,6 +14,9 @@ from neuralpde_cli.sdes.base import SDE
 class DoubleWell(SDE):
     """μᵢ = linear·xᵢ − cubic·xᵢ³ (coordinate-wise; 1-D is the classic case), σ = noise·I."""
 
+    #: each coordinate is its own 1-D process: from a product start the law is a product
+    independent_coordinates = True
+
     def __init__(self, dim: int, noise: Tensor, linear: Tensor, cubic: Tensor) -> None:
         super().__init__(dim)
         self.register_buffer("noise", noise)
@@ -34,6 +37,8 @@ class DoubleWell(SDE):
 class CoupledDoubleWell(DoubleWell):
     """μ = (linear·x₁ − cubic·x₁³ + c x₂, −x₂ + c x₁) in 2-D: a double well in x₁ pulled by an
     OU x₂."""
+
+    independent_coordinates = False
 
     def __init__(self, noise: Tensor, coupling: Tensor, linear: Tensor, cubic: Tensor) -> None:
         super().__init__(2, noise, linear, cubic)

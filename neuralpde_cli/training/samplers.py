@@ -55,7 +55,9 @@ class CollocationSampler:
         if self.kind == "paths":
             ensemble = equation.ensemble()
             self.times_grid, self.paths = ensemble.times, ensemble.paths
-            self.path_std = torch.sqrt(torch.diagonal(ensemble.moments()[1], dim1=-2, dim2=-1))
+            self.path_mean, cov = ensemble.moments()
+            eye = torch.eye(cov.shape[-1], dtype=cov.dtype, device=cov.device)
+            self.path_chol = torch.linalg.cholesky(cov + 1e-12 * eye)
 
     def _uniform(self, n: int) -> Tensor:
         ref = self.equation.initial_mean
@@ -78,14 +80,20 @@ class CollocationSampler:
         return mean + scale * std * self._normal(t.shape[0], self.equation.dim)
 
     def path_points(self, n: int) -> tuple[Tensor, Tensor]:
-        """States of random paths at random grid times (t > 0); the second half moved by
-        N(0, spread² std²) with the ensemble's std at that time, into the tails."""
+        """At random grid times (t > 0): half the points are states of random paths; a quarter
+        are such states moved by N(0, spread²·C), C the ensemble's covariance at that time, into
+        the tails (along the law's own axes: a law stretched along a diagonal is narrow across
+        it); a quarter are drawn from N(m, spread²·C), m the ensemble's mean: the envelope's
+        region, where a correction never trained would put spurious mass."""
         k = torch.randint(1, self.times_grid.shape[0], (n,), generator=self.generator)
         j = torch.randint(0, self.paths.shape[1], (n,), generator=self.generator)
         k, j = k.to(self.paths.device), j.to(self.paths.device)
         x = self.paths[k, j].clone()
-        half = n // 2
-        x[half:] += self.cfg.spread * self.path_std[k[half:]] * self._normal(n - half, x.shape[1])
+        half, quarter = n // 2, n // 2 + (n - n // 2) // 2
+        z = self.cfg.spread * (self.path_chol[k[half:]]
+                               @ self._normal(n - half, x.shape[1]).unsqueeze(-1)).squeeze(-1)
+        x[half:quarter] += z[:quarter - half]
+        x[quarter:] = self.path_mean[k[quarter:]] + z[quarter - half:]
         return self.times_grid[k], x
 
     def __call__(self, n: int | None = None) -> tuple[Tensor, Tensor]:
