@@ -27,7 +27,7 @@ from benchmarks import common
 
 CASES = ("heat2d", "heat_step_cost", "heat_gmm", "fokker_planck", "diffusion", "neural_dynamics",
          "ddp", "calibrate", "calibrate_multi", "calibrate_real", "loglik_cost", "mlp_density",
-         "jumps_latent", "equity_real")
+         "mlp_nonlinear", "jumps_latent", "equity_real")
 
 
 def main(argv: list[str] | None = None) -> int:
