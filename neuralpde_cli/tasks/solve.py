@@ -142,7 +142,8 @@ LARGE_ERROR = 0.1
 def large_error_advice(cfg: DictConfig, metrics: dict[str, Any]) -> str | None:
     """When the headline error against the exact or reference solution is large: says so and
     names the setting that reaches a small one (None otherwise)."""
-    key = next((k for k in ("l1_error", "rel_l2_error") if isinstance(metrics.get(k), float)), None)
+    key = next((k for k in ("l1_error", "rel_l2_error", "rel_l2_log_error")
+                if isinstance(metrics.get(k), float)), None)
     if key is None or not metrics[key] > LARGE_ERROR:
         return None
     equation, ansatz, optimizer = cfg.equation.name, cfg.ansatz.name, cfg.optimizer.name
@@ -153,8 +154,9 @@ def large_error_advice(cfg: DictConfig, metrics: dict[str, Any]) -> str | None:
         fix = "optimizer=time_march, the solver for the mixture"
     elif ansatz == "gmm":
         fix = f"more components: ansatz.components={max(8, 2 * int(cfg.ansatz.components))}"
-    elif equation == "fokker_planck":
-        fix = "the Gaussian mixture, time-marched: ansatz=gmm optimizer=time_march"
+    elif equation == "fokker_planck" and int(cfg.equation.dim) <= 2:
+        fix = ("the Gaussian mixture, time-marched: ansatz=gmm optimizer=time_march (with "
+               "ansatz.components=8 for a law with several modes)")
     else:
         fix = "more steps (optimizer.adam_steps, optimizer.lbfgs_steps) or ansatz=gmm"
     return f"large error: {key}={metrics[key]:.2g}; try {fix}"
