@@ -171,11 +171,13 @@ class FokkerPlanck(DensityEquation):
         return self.sde.euler_maruyama(x0, times, x0.shape[0], generator, dt=self.t_final / 4000)
 
     def evaluation_box(self) -> tuple[Tensor, float]:
-        """The grid of solution.npz: for a law without exact moments (d ≤ 2), the 0.05 % to
-        99.95 % range of Euler–Maruyama paths over the eval times, widened by a fifth (a
+        """The grid of solution.npz: for a law without exact moments (d ≤ 2, or a product law),
+        the 0.05 % to 99.95 % range of Euler–Maruyama paths over the eval times, widened by a
+        fifth (a
         spread estimated at the initial mean misses drift and state-dependent noise: GBM's
         t = 1 density lies far right of it); else the default."""
-        if self.dim > 2 or self.exact_moments(self.initial_mean.new_zeros(1)) is not None:
+        if self.exact_moments(self.initial_mean.new_zeros(1)) is not None \
+                or (self.dim > 2 and self.product_factors() is None):
             return super().evaluation_box()
         lo, hi = np.quantile(self._path_samples(), [0.0005, 0.9995], axis=0)
         centre = torch.as_tensor(0.5 * (lo + hi), dtype=self.initial_mean.dtype,

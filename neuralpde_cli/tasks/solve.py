@@ -157,6 +157,10 @@ def large_error_advice(cfg: DictConfig, metrics: dict[str, Any]) -> str | None:
     elif equation == "fokker_planck" and int(cfg.equation.dim) <= 2:
         fix = ("the Gaussian mixture, time-marched: ansatz=gmm optimizer=time_march (with "
                "ansatz.components=8 for a law with several modes)")
+    elif equation == "fokker_planck":
+        fix = ("more steps (optimizer.adam_steps, optimizer.lbfgs_steps); a non-Gaussian law in "
+               "d > 2 is beyond the MLP's Gaussian envelope today (README § The MLP on "
+               "non-Gaussian laws)")
     else:
         fix = "more steps (optimizer.adam_steps, optimizer.lbfgs_steps) or ansatz=gmm"
     return f"large error: {key}={metrics[key]:.2g}; try {fix}"
