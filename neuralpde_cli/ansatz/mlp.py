@@ -322,8 +322,10 @@ class MLP(DensityAnsatz):
         self.has_time = has_time
         self.t_final = t_final
         self.activation = ACTIVATIONS[cfg.activation]
+        #: log-densities grow like d: the last layer's scale, and an ensemble envelope's cap
+        dim_scale = max(1.0, (input_shift.shape[0] - 1) / 2.0)
         self.output = OUTPUTS[cfg.output] if self.envelope is None else \
-            _capped(cfg.correction_bound * max(1.0, input_shift.shape[0] / 2.0 - 0.5)) if self.whiten \
+            _capped(cfg.correction_bound * dim_scale) if self.whiten \
             else _bounded(cfg.correction_bound)
         self.register_buffer("input_shift", input_shift)
         self.register_buffer("input_scale", input_scale)
@@ -332,8 +334,8 @@ class MLP(DensityAnsatz):
             self.register_buffer("initial_cov", initial[1])
             self.register_buffer("initial_precision", torch.linalg.inv(initial[1]))
         self.exact_initial_condition = cfg.hard_ic or self.whiten
-        #: log-densities grow like d: scale the last layer so the network's output stays O(1)
-        self.output_scale = max(1.0, (input_shift.shape[0] - 1) / 2.0) if has_time else 1.0
+        #: scale the last layer so the network's output stays O(1)
+        self.output_scale = dim_scale if has_time else 1.0
         n_in = input_shift.shape[0] + (1 if self.whiten else 0)
         #: log Z(t) per time once :meth:`normalize` was called (None: not normalized)
         self._log_masses: dict[float, Tensor] | None = None
@@ -443,12 +445,15 @@ class MLP(DensityAnsatz):
         """log p − log N(envelope) of an ensemble envelope, before normalization:
         φ(t)·(g(f) − β(t)|z|²/2), g capped above, β ≥ 0 a learned narrowing of the tails."""
         h, _, phi = self._features(inputs)
-        f = self.output(self.forward(inputs))[0]
+        f = self.output(self._network(h))[0]
         return phi * (f - 0.5 * self.tail(h[:, :2]) * 4.0 * (h[:, 2:] ** 2).sum(-1))
 
     def forward(self, inputs: Tensor) -> Tensor:
         """The raw network output f at raw inputs (N, n_raw) → (N,)."""
-        h = self._features(inputs)[0]
+        return self._network(self._features(inputs)[0])
+
+    def _network(self, h: Tensor) -> Tensor:
+        """The network output f from its input features h (N, n_in) → (N,)."""
         for layer in self.layers[:-1]:
             h = self.activation(layer(h))[0]
         return self.output_scale * self.layers[-1](h).squeeze(-1)
@@ -457,10 +462,10 @@ class MLP(DensityAnsatz):
         return torch.cat([t.unsqueeze(-1), x], dim=-1)
 
     def log_density(self, t: Tensor, x: Tensor, cond: Tensor | None = None) -> Tensor:
-        out = self.output(self.forward(self._inputs(t, x)))[0]
         if self.whiten:
             return self.envelope.log_density(t, x) + self._correction(self._inputs(t, x)) \
                 - self.log_mass(t)
+        out = self.output(self.forward(self._inputs(t, x)))[0]
         if self.envelope is not None:
             base = self.envelope.log_density(t, x)
             return base + ((t / self.t_final) * out if self.cfg.hard_ic else out)
