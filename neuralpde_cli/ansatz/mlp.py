@@ -359,9 +359,8 @@ class MLP(DensityAnsatz):
         shift, scale = equation.input_normalization()
         if isinstance(equation, DensityEquation):
             if cfg.envelope == "auto":
-                like = equation.initial_mean
-                gaussian = equation.exact_moments(like.new_zeros(1)) is not None
-                cfg = dataclasses.replace(cfg, envelope="gaussian" if gaussian else "ensemble")
+                cfg = dataclasses.replace(
+                    cfg, envelope="gaussian" if equation.gaussian_law() else "ensemble")
             ensemble = equation.ensemble() if cfg.envelope == "ensemble" else None
             return cls(cfg, shift, scale, True, (equation.initial_mean, equation.initial_cov),
                        equation.t_final, ensemble)

@@ -190,6 +190,10 @@ class DensityEquation(torch.nn.Module):
         """Mean (n_t, d) and covariance (n_t, d, d) when the solution is Gaussian, else None."""
         return None
 
+    def gaussian_law(self) -> bool:
+        """Whether the solution is Gaussian at every time (closed-form moments exist)."""
+        return self.exact_moments(self.initial_mean.new_zeros(1)) is not None
+
     def reference_log_density(self, t: float, x: Tensor) -> Tensor | None:
         """log p(t, x) from an exact or independent numerical reference, or None."""
         moments = self.exact_moments(torch.tensor([t], dtype=x.dtype, device=x.device))

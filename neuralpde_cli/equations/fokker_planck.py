@@ -176,8 +176,7 @@ class FokkerPlanck(DensityEquation):
         fifth (a
         spread estimated at the initial mean misses drift and state-dependent noise: GBM's
         t = 1 density lies far right of it); else the default."""
-        if self.exact_moments(self.initial_mean.new_zeros(1)) is not None \
-                or (self.dim > 2 and self.product_factors() is None):
+        if self.gaussian_law() or (self.dim > 2 and self.product_factors() is None):
             return super().evaluation_box()
         lo, hi = np.quantile(self._path_samples(), [0.0005, 0.9995], axis=0)
         centre = torch.as_tensor(0.5 * (lo + hi), dtype=self.initial_mean.dtype,

@@ -115,6 +115,4 @@ def resolve_kind(name: str, equation: DensityEquation) -> str:
     state-dependent noise: where an envelope Gaussian misplaces the points), else ``gaussian``."""
     if name != "auto":
         return name
-    like = equation.initial_mean
-    exact = equation.exact_moments(like.new_zeros(1))
-    return "gaussian" if exact is not None else "paths"
+    return "gaussian" if equation.gaussian_law() else "paths"
