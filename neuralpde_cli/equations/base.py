@@ -13,13 +13,14 @@ derivatives. Neither knows how the other computes its part.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from neuralpde_cli.errors import UserError
+from neuralpde_cli.sdes.base import SDE
 
 
 @dataclass
@@ -97,12 +98,25 @@ class Ensemble:
 
     times: Tensor
     paths: Tensor
+    _moments: tuple[Tensor, Tensor] | None = field(default=None, repr=False, compare=False)
 
     def moments(self) -> tuple[Tensor, Tensor]:
-        """Mean (n_t, d) and covariance (n_t, d, d) at each time."""
-        mean = self.paths.mean(1)
-        y = self.paths - mean.unsqueeze(1)
-        return mean, y.transpose(-1, -2) @ y / (self.paths.shape[1] - 1)
+        """Mean (n_t, d) and covariance (n_t, d, d) at each time (computed once: the sampler,
+        the objective and the envelope all read them)."""
+        if self._moments is None:
+            mean = self.paths.mean(1)
+            y = self.paths - mean.unsqueeze(1)
+            self._moments = (mean, y.transpose(-1, -2) @ y / (self.paths.shape[1] - 1))
+        return self._moments
+
+
+class _CoefficientSDE(SDE):
+    """An equation's own drift and diffusion as an SDE, for its Euler–Maruyama paths."""
+
+    def __init__(self, equation: "DensityEquation") -> None:
+        super().__init__(equation.dim)
+        self.drift = equation.drift  # type: ignore[method-assign]
+        self.diffusion_sqrt = equation.diffusion_sqrt  # type: ignore[method-assign]
 
 
 class DensityEquation(torch.nn.Module):
@@ -235,23 +249,14 @@ class DensityEquation(torch.nn.Module):
         return cache[key]
 
     def _paths(self, x0: Tensor, times: Tensor, generator: torch.Generator) -> Tensor:
-        """(n_t, n, d) states at ``times`` from x0 at t = 0; steps ≤ T/4000 that land on each time."""
-        out, x, t = [x0], x0, 0.0
-        h_max = self.t_final / 4000
-        for target in times[1:].tolist():
-            steps = max(1, math.ceil((target - t) / h_max - 1e-9))
-            h = (target - t) / steps
-            for _ in range(steps):
-                tt = x.new_full((x.shape[0],), t)
-                s = self.diffusion_sqrt(tt, x)
-                dw = torch.randn(x.shape[0], s.shape[-1], generator=generator,
-                                 dtype=x.dtype).to(x.device) * math.sqrt(2.0 * h)
-                noise = dw @ s.T if s.dim() == 2 else (s @ dw.unsqueeze(-1)).squeeze(-1)
-                x = x + h * self.drift(tt, x) + noise
-                t += h
-            t = target
-            out.append(x)
-        return torch.stack(out)
+        """(n_t, n, d) states at ``times`` from x0 at t = 0: Euler–Maruyama, steps ≤ T/4000
+        that land on each time."""
+        return self._path_sde().euler_maruyama(x0, times, x0.shape[0], generator,
+                                               dt=self.t_final / 4000)
+
+    def _path_sde(self) -> SDE:
+        """The SDE whose paths :meth:`ensemble` draws: the equation's own coefficients."""
+        return _CoefficientSDE(self)
 
     # --- what a run reports ---------------------------------------------------------------
     def input_normalization(self) -> tuple[Tensor, Tensor]:

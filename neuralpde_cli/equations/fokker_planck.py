@@ -165,10 +165,10 @@ class FokkerPlanck(DensityEquation):
             self._samples = np.concatenate([paths.reshape(-1, self.dim), x0.cpu().numpy()])
         return self._samples
 
-    def _paths(self, x0: Tensor, times: Tensor, generator: torch.Generator) -> Tensor:
-        """The SDE's own Euler–Maruyama (it keeps bounded coordinates in their domain and draws
-        jumps), steps ≤ T/4000."""
-        return self.sde.euler_maruyama(x0, times, x0.shape[0], generator, dt=self.t_final / 4000)
+    def _path_sde(self) -> torch.nn.Module:
+        """The configured SDE itself: its Euler–Maruyama keeps bounded coordinates in their
+        domain and draws jumps."""
+        return self.sde
 
     def evaluation_box(self) -> tuple[Tensor, float]:
         """The grid of solution.npz: for a law without exact moments (d ≤ 2, or a product law),

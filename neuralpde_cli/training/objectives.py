@@ -99,9 +99,9 @@ class DensityObjective:
         k = torch.clamp(torch.searchsorted(self.ensemble_times, t), 0, self.ensemble_var.shape[0] - 1)
         var = self.ensemble_var[k]
         s = self.equation.diffusion_sqrt(t, x).detach()
-        dbar = (s * s).sum((-1, -2)) / self.equation.dim
+        trace_d = (s * s).sum((-1, -2))
         div = self.equation.drift_divergence(t, x).detach().abs()
-        return 1.0 / (dbar * self.equation.dim / var + div)
+        return 1.0 / (trace_d / var + div)
 
     def loss_terms(self, phase: str) -> dict[str, Tensor]:
         return {k: (r.values ** 2).mean() for k, r in self.residual_terms(phase).items()}
