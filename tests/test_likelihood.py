@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from neuralpde_cli.ansatz.gmm import GMMConfig
+from neuralpde_cli.errors import UserError
 from neuralpde_cli.likelihood import fit as fitting
 from neuralpde_cli.likelihood.pde import (PDELikelihoodConfig, TransitionDensity, TransitionSet,
                                           spline_weights)
@@ -37,13 +38,13 @@ def ou_path(n: int, dt: np.ndarray | float, theta: float, mean: float, sigma: fl
 
 
 def density(kind: str, x0, x1, dt, components: int = 1, grid: int = 16,
-            coordinates: str = "auto") -> TransitionDensity:
+            coordinates: str = "auto", **pde: object) -> TransitionDensity:
     cfg = SDEConfig(kind=kind, theta=[[1.0]], mean=[0.0], sigma=[[1.0]])
     ts = TransitionSet.from_arrays(x0, x1, np.zeros(len(x0)), dt, F64, CPU)
     return TransitionDensity(lambda v: build_sde_with(cfg, 1, v, F64, CPU), ts,
                              GMMConfig(components=components, split=0.3),
                              TimeMarchConfig(rtol=1e-5),
-                             PDELikelihoodConfig(grid=grid, coordinates=coordinates))
+                             PDELikelihoodConfig(grid=grid, coordinates=coordinates, **pde))
 
 
 def tensors(**values: float) -> dict[str, torch.Tensor]:
@@ -83,6 +84,58 @@ def test_ou_log_density_matches_exact_with_irregular_dt_and_gradient_is_exact():
         g = (ou_log_density(x[:-1], x[1:], dt, *up).sum()
              - ou_log_density(x[:-1], x[1:], dt, *down).sum()) / (2 * h)
         assert abs(float(values[name].grad) - g) < 2e-3 * max(1.0, abs(g)), name
+
+
+def test_a_slow_march_is_compiled_and_gives_the_same_log_density_and_gradient(caplog):
+    """``fit.pde.compile=auto`` with a threshold of 0 s: the first differentiable march runs
+    eagerly and turns compiling on; the compiled replay gives the eager log-densities and
+    gradient to rounding, and both the exact OU law to the march's accuracy."""
+    x = ou_path(60, 0.5, 1.2, 0.4, 0.6, seed=2)
+    td = density("ou", x[:-1], x[1:], np.full(60, 0.5), grid=6, compile_above_s=0.0)
+    td.freeze_steps(tensors(theta=1.2, mean=0.4, sigma=0.6))
+    runs = []
+    with caplog.at_level("INFO", logger="neuralpde_cli.likelihood.pde"):
+        for _ in range(2):
+            values = tensors(theta=1.2, mean=0.4, sigma=0.6)
+            lp = td.log_density(values)
+            lp.sum().backward()
+            runs.append((lp.detach().numpy(), np.array([float(v.grad) for v in values.values()]),
+                         td.compiled))
+    (eager, g_eager, before), (compiled, g_compiled, after) = runs
+    assert after and "compiling it" in caplog.text
+    assert np.abs(compiled - eager).max() < 1e-10
+    assert np.abs(g_compiled - g_eager).max() < 1e-8 * max(1.0, np.abs(g_eager).max())
+    exact = ou_log_density(x[:-1], x[1:], np.full(60, 0.5), 1.2, 0.4, 0.6)
+    assert np.abs(compiled - exact).max() < 2e-4
+
+
+def test_a_compiler_that_fails_leaves_the_march_eager(monkeypatch, caplog):
+    """No C++ toolchain (or an operator inductor cannot lower): one warning, the same march."""
+    from torch._inductor.exc import InductorError
+
+    from neuralpde_cli.solvers import time_march
+
+    def failing(fn, **kwargs):
+        def call(*args):
+            raise InductorError(RuntimeError("no C++ compiler"), None)
+        return call
+
+    monkeypatch.setattr(time_march.torch, "compile", failing)
+    x = ou_path(60, 0.5, 1.2, 0.4, 0.6, seed=2)
+    eager = density("ou", x[:-1], x[1:], np.full(60, 0.5), grid=6, compile="false")
+    wanted = density("ou", x[:-1], x[1:], np.full(60, 0.5), grid=6, compile="true")
+    values = tensors(theta=1.2, mean=0.4, sigma=0.6)
+    with caplog.at_level("WARNING"):
+        got = [td.log_density(values).detach().numpy() for td in (eager, wanted, wanted)]
+    # said once: the density marches eagerly from then on
+    assert caplog.text.count("torch.compile failed") == 1 and "no C++ compiler" in caplog.text
+    assert np.array_equal(got[0], got[1]) and np.array_equal(got[0], got[2])
+
+
+@pytest.mark.parametrize("key, value", [("compile", "sometimes"), ("compile_above_s", -1.0)])
+def test_a_bad_compile_setting_is_named(key, value):
+    with pytest.raises(UserError, match=f"fit.pde.{key}"):
+        density("ou", np.zeros(3), np.ones(3), np.ones(3), **{key: value})
 
 
 def test_steps_frozen_far_away_are_chosen_again_and_the_density_stays_exact():

@@ -40,8 +40,9 @@ parameter tensors, so this module knows nothing of which SDE it is fitting.
 
 from __future__ import annotations
 
+import logging
 import math
-
+import time
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -54,6 +55,8 @@ from neuralpde_cli.equations.fokker_planck import FokkerPlanck, FokkerPlanckConf
 from neuralpde_cli.errors import UserError
 from neuralpde_cli.sdes import SDE, SDEConfig, march_log_jacobian, to_march
 from neuralpde_cli.solvers.time_march import TimeMarchConfig, TimeMarcher
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -140,6 +143,12 @@ class PDELikelihoodConfig:
     #: optimizer.ridge): at calibrate's 1e-2 (chosen for Heston's 2-D smoothness) the weekly
     #: VIX's K = 3 march broke down, at 1e-3 it was 0.13 nats from the exact log L
     ridge_1d: float = 1e-3
+    #: torch.compile the replayed march (``optimizer.compile``): true, false, or auto: from the
+    #: evaluation after a differentiable march that took ``compile_above_s`` or longer (a
+    #: log L + ∇ of about three times that), where the compile's 10–30 s pay back within the
+    #: fit's iterations, standard errors and profiles
+    compile: str = "auto"
+    compile_above_s: float = 0.3
 
 
 AUTO_GRID = {1: 16, 2: 8, 3: 5}
@@ -160,6 +169,7 @@ MIN_STEP_CAP = 64
 #: CIR monthly log-densities of 64 to 1e-5 at a third of the cost (docs/calibration.md)
 BASE_POINTS = {1: 24}
 TIME_DEPENDENT = ("auto", "true", "false")
+COMPILE = ("auto", "true", "false")
 COORDINATES = ("auto", "natural")
 
 
@@ -177,6 +187,9 @@ class TransitionDensity:
         """``coordinate_values``: the parameter values at which the SDE's march coordinates are
         probed (default: the config's). A power that is a plain number is fixed from then on; one
         that is a tensor (CEV's 1 − γ) follows θ and is placed again at every evaluation."""
+        # YAML reads true/false as booleans, which a str field keeps as 'True'/'False'
+        cfg = replace(cfg, compile=str(cfg.compile).lower(),
+                      time_dependent=str(cfg.time_dependent).lower())
         if cfg.grid != 0 and cfg.grid < 4:
             raise UserError(f"fit.pde.grid={cfg.grid} must be 0 (automatic) or ≥ 4 nodes per axis")
         if not 0 < cfg.start_fraction < 0.5:
@@ -186,6 +199,11 @@ class TransitionDensity:
         if not cfg.gaussian_residual >= 0:
             raise UserError(f"fit.pde.gaussian_residual={cfg.gaussian_residual} must be ≥ 0 "
                             "(0: always ansatz.components)")
+        if cfg.compile not in COMPILE:
+            raise UserError(f"fit.pde.compile={cfg.compile!r} is unknown; choose one of "
+                            f"{list(COMPILE)}")
+        if not cfg.compile_above_s >= 0:
+            raise UserError(f"fit.pde.compile_above_s={cfg.compile_above_s} must be ≥ 0")
         if cfg.coordinates not in COORDINATES:
             raise UserError(f"fit.pde.coordinates={cfg.coordinates!r} is unknown; choose one of "
                             f"{list(COORDINATES)}")
@@ -221,7 +239,7 @@ class TransitionDensity:
             march = replace(march, base_points=BASE_POINTS[transitions.dim])
         self.march_cfg = march
         self.base_ridge = march.ridge
-        self.marcher = TimeMarcher(self.march_cfg)
+        TimeMarcher(march)  # its settings checked here, before any march
         tr = transitions
         self.time_dependent = cfg.time_dependent == "true" or (
             cfg.time_dependent == "auto" and not probe.autonomous)
@@ -246,6 +264,8 @@ class TransitionDensity:
         self._place(self.powers)
         #: how often the replayed steps were found stale and chosen again (fit.json reports it)
         self.refreezes = 0
+        #: whether differentiable marches run compiled (``fit.pde.compile``; auto turns it on)
+        self.compiled = cfg.compile == "true"
         eye = np.eye(tr.dim).tolist()  # a placeholder SDE; each evaluation swaps in its own
         eq_cfg = FokkerPlanckConfig(dim=tr.dim, t_final=self.t_final, initial="gaussian",
                                     sde=SDEConfig(kind="brownian", sigma=eye),
@@ -279,9 +299,7 @@ class TransitionDensity:
         ridge = self.base_ridge
         if self.natural_data.dim == 1 and components > 1 and self.cfg.ridge_1d > 0:
             ridge = self.cfg.ridge_1d
-        if ridge != self.march_cfg.ridge:
-            self.march_cfg = replace(self.march_cfg, ridge=ridge)
-            self.marcher = TimeMarcher(self.march_cfg)
+        self.march_cfg = replace(self.march_cfg, ridge=ridge)
         self.ansatz = GaussianMixtureAnsatz.for_equation(self.mixture, self.equation)
         self.layout: MixtureLayout = self.ansatz.layout
         self.step_times = None
@@ -428,7 +446,14 @@ class TransitionDensity:
         if self.step_times is None:
             return self._run(values, differentiable)
         try:
+            began = time.perf_counter()
             result = self._run(values, differentiable)
+            if differentiable and self.cfg.compile == "auto" and not self.compiled \
+                    and time.perf_counter() - began >= self.cfg.compile_above_s:
+                self.compiled = True  # from the next evaluation on
+                log.info("the march took %.2g s ≥ fit.pde.compile_above_s=%g: compiling it "
+                         "(torch.compile) for the evaluations to come", time.perf_counter() - began,
+                         self.cfg.compile_above_s)
             if max(h["step_error"] for h in result.history) <= STALE_ERROR:
                 return result
             del result  # its autograd graph, before a second march builds another
@@ -438,14 +463,23 @@ class TransitionDensity:
         self.refreezes += 1
         return self._run(values, differentiable)
 
-    def _run(self, values: dict[str, Tensor], differentiable: bool,
-             marcher: TimeMarcher | None = None):
+    def _run(self, values: dict[str, Tensor], differentiable: bool, max_steps: int | None = None):
+        """One march at ``values``: the frozen steps replayed, or chosen adaptively (at most
+        ``max_steps``) where none are frozen; compiled once :attr:`compiled` is on."""
         eq = self._equation(values)
         mean0, chol0 = self._start_law(eq.sde)
-        return (marcher or self.marcher).run(eq, self.ansatz, x0_batch=mean0, initial_chol=chol0,
-                                step_times=self.step_times, differentiable=differentiable,
-                                time_offsets=None if self.offsets is None
-                                else self.offsets + self.eps)  # the march starts at t₀ + ε
+        cfg = replace(self.march_cfg, compile=self.march_cfg.compile or self.compiled)
+        if max_steps is not None:
+            cfg = replace(cfg, max_steps=min(max_steps, cfg.max_steps))
+        result = TimeMarcher(cfg).run(eq, self.ansatz, x0_batch=mean0, initial_chol=chol0,
+                                      step_times=self.step_times, differentiable=differentiable,
+                                      time_offsets=None if self.offsets is None
+                                      else self.offsets + self.eps)  # starts at t₀ + ε
+        if result.compile_failed:  # said once (the march's warning); eager from now on
+            self.compiled = False
+            self.march_cfg = replace(self.march_cfg, compile=False)
+            self.cfg = replace(self.cfg, compile="false")
+        return result
 
     def freeze_steps(self, values: dict[str, Tensor], max_steps: int | None = None) -> int:
         """Choose the step times adaptively at ``values`` and replay them from now on; needing
@@ -454,11 +488,9 @@ class TransitionDensity:
         if not self.components_chosen:
             self.choose_components(values, self.mixture.components)
         frozen, self.step_times = self.step_times, None
-        capped = max_steps is not None and max_steps < self.march_cfg.max_steps
-        marcher = TimeMarcher(replace(self.march_cfg, max_steps=max_steps)) if capped else None
         try:
             with torch.no_grad():
-                result = self._run({k: v.detach() for k, v in values.items()}, False, marcher)
+                result = self._run({k: v.detach() for k, v in values.items()}, False, max_steps)
         except BaseException:
             self.step_times = frozen  # a θ the march cannot cross leaves the old steps in place
             raise
