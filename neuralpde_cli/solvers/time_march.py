@@ -232,6 +232,8 @@ class _GalerkinField:
         # the code object, and on disk by inductor, so each march's new field reuses it
         self.compiled = torch.compile(self.velocity, dynamic=False,
                                       options={"cpp_wrapper": True}) if cfg.compile else None
+        if cfg.compile:  # inductor's note per linear-algebra operator it calls out to is noise
+            logging.getLogger("torch._inductor.ir").setLevel(logging.ERROR)
 
     def _rhs_over_p(self, t: Tensor, x: Tensor, ev: MixtureEval) -> Tensor:
         """(rhs)/p at x (B, M, d) at time t (a 0-d tensor): one call for shared coefficients,

@@ -484,6 +484,7 @@ def _fit_pde(problem: Problem, run: RunDir, start: np.ndarray, hinv0: np.ndarray
     return result, {"steps": len(density.step_times), **check,
                     "steps_rechosen_during_fit": rechosen,
                     "components": density.mixture.components,
+                    "compiled": density.compiled,  # fit.pde.compile (auto: a slow march)
                     "gaussian_residual": density.gaussian_residual,
                     "start_loglik_by_components": density.component_logliks,
                     # the Box–Cox power of each coordinate at the start (0: log; CEV's 1 − γ
@@ -961,6 +962,7 @@ def _bootstrap(problem: Problem, result: fitting.FitResult,
             density = _density(problem, TransitionSet(x0, x1, ts.t0, ts.dt),
                                fitted.coordinate_values)
             density.use_components(fitted.mixture.components)
+            density.compiled = fitted.compiled  # the same graph: compiled once, in this process
             try:
                 density.step_times = list(fitted.step_times)  # the fit's, re-chosen where stale
                 state = fitting.minimize(problem.objective(density.log_density), theta, kinds,
