@@ -188,3 +188,39 @@ def test_a_run_from_before_the_data_group_resumes(fitted: Path, tmp_path: Path):
     assert a["data"]["path"] == b["data"]["path"]
     for name in b["estimates"]:
         assert abs(a["estimates"][name] - b["estimates"][name]) < 1e-9 * max(1.0, abs(b["estimates"][name]))
+
+
+def test_a_profile_point_outside_the_domain_or_refused_by_the_march_is_a_gap():
+    """The profile of μ drags ρ along its slope past −1 (a singular diffusion), and the march
+    refuses one point inside: both are gaps (NaN), the rest of the profile is computed, and
+    nothing raises (on the S&P 500 with Heston, a UserError from a profile point ended the run
+    after the whole fit)."""
+    from types import SimpleNamespace
+
+    from neuralpde_cli.errors import UserError
+    from neuralpde_cli.tasks.calibrate import _profiles
+
+    calls = []
+
+    def log_density(values, differentiable):
+        mu, rho = float(values["mu"]), float(values["rho"])
+        calls.append((mu, rho))
+        assert -1 < rho < 1, "a point outside the domain was evaluated"
+        if abs(mu - 0.05) < 1e-12:
+            raise UserError("the diffusion matrix is singular at the start point")
+        return torch.tensor([-(mu ** 2) - rho ** 2])
+
+    problem = SimpleNamespace(
+        cfg=SimpleNamespace(fit=SimpleNamespace(profile_points=5, profile_width=2.0)),
+        names=["mu", "rho"], kinds=["real", "correlation"],
+        tensors=lambda point, grad: {"mu": torch.tensor(point[0]), "rho": torch.tensor(point[1])})
+    density = SimpleNamespace(step_times=[0.5, 1.0], log_density=log_density)
+    hess = np.array([[-1.0, -0.9], [-0.9, -1.0]])  # ρ moves by −0.9 per unit of μ
+    result = SimpleNamespace(estimates=np.array([0.0, -0.95]), hessian=hess,
+                             se=np.array([0.05, 0.2]))
+    out = _profiles(problem, density, result)
+    mu_line = out["profile_loglik"][0]
+    assert np.isnan(mu_line[-2]) and np.isnan(mu_line[-1])  # μ = 0.05: refused; 0.1: ρ = −1.04
+    assert np.isfinite(mu_line[:3]).all()
+    rho_grid = out["profile_grid"][1]
+    assert (rho_grid > -1).all() and (rho_grid < 1).all()  # ρ's own profile stays inside

@@ -818,6 +818,8 @@ def _profiles(problem: Problem, density: TransitionDensity,
         offsets = np.linspace(-cfg.profile_width, cfg.profile_width, m) * se[i]
         if problem.kinds[i] == "positive":  # stay inside the domain
             offsets = np.maximum(offsets, -0.9 * theta[i])
+        elif problem.kinds[i] == "correlation":
+            offsets = np.clip(theta[i] + offsets, -0.999, 0.999) - theta[i]
         others = [j for j in range(p) if j != i]
         slope = -np.linalg.solve(hess[np.ix_(others, others)], hess[others, i]) if others else None
         for k, off in enumerate(offsets):
@@ -826,12 +828,15 @@ def _profiles(problem: Problem, density: TransitionDensity,
             if others:
                 point[others] += slope * off
             grid[i, k] = point[i]
+            loglik[i, k] = np.nan  # a gap: the others' line leaves their domain (a ρ beyond
+            if not all(fitting.in_domain(v, kind) for v, kind in zip(point, problem.kinds)):
+                continue  # ±1, a singular diffusion), or a θ the march cannot cross
             try:
                 with torch.no_grad():
                     loglik[i, k] = float(density.log_density(problem.tensors(point, False),
                                                              False).sum())
-            except (RuntimeError, ArithmeticError):  # a θ the march cannot cross: a gap
-                loglik[i, k] = np.nan
+            except (UserError, RuntimeError, ArithmeticError):
+                pass
         density.step_times = list(fitted_steps)  # neighbours share steps; the next line starts over
     return {"profile_names": np.array(problem.names), "profile_grid": grid,
             "profile_loglik": loglik}
