@@ -268,3 +268,17 @@ def test_nine_parameters_lay_out_on_a_grid(ou_run: Path, tmp_path: Path) -> None
     assert sorted(p.name for p in out) == ["estimates.png", "profiles.png", "trace.png"]
     for path in out:
         _check_png(path)
+
+
+def test_plots_against_time_use_the_data_dates_not_years_from_1970():
+    """Trading-day years counted from 1970 put 2014-01-03 at 2015.6 on a 'years' axis; with
+    dates in the diagnostics the axis is the calendar."""
+    from neuralpde_cli.run.plots_calibrate import _time_axis
+
+    dates = np.array(["2014-01-03", "2014-01-06", "2018-12-31"])
+    diag = {"transition_time": np.array([45.62, 45.63, 50.6]), "transition_date": dates}
+    x, label = _time_axis(diag, "transition_time", "transition_date")
+    assert label == "date" and x[0] == np.datetime64("2014-01-03") and x[-1] == np.datetime64("2018-12-31")
+    x, label = _time_axis({"transition_time": np.array([0.0, 0.5])}, "transition_time",
+                          "transition_date")
+    assert label == "time (years)" and np.allclose(x, [0.0, 0.5])

@@ -261,7 +261,7 @@ def plot_transition(diag: dict[str, np.ndarray], fit: dict[str, Any], path: Path
             ax.legend(fontsize=6, loc="lower center")
     if per_transition:
         ax = fig.add_subplot(grid[1, :])
-        t = np.asarray(diag["transition_time"], float)
+        t, xlabel = _time_axis(diag, "transition_time", "transition_date")
         lp = np.asarray(diag["logdensity_fit"], float)
         ex = np.asarray(diag.get("logdensity_exact", np.full(t.shape, np.nan)), float)
         dates = diag.get("transition_date")
@@ -271,10 +271,10 @@ def plot_transition(diag: dict[str, np.ndarray], fit: dict[str, Any], path: Path
             ax.plot(t, ex, "o", ms=4 if t.size <= 800 else 3, mfc="none", mec="k", mew=0.5,
                     label="exact law at θ̂")
         for k in np.argsort(lp)[:5]:
-            when = str(dates[k]) if dates is not None else f"t = {t[k]:.6g}"
+            when = str(dates[k]) if dates is not None else f"t = {float(t[k]):.6g}"
             ax.annotate(f"{when}: {lp[k]:.1f}", (t[k], lp[k]), fontsize=6, xytext=(4, -2),
                         textcoords="offset points", color="C3")
-        ax.set_xlabel("time of the transition's end (years)")
+        ax.set_xlabel(f"{xlabel} of the transition's end")
         ax.set_ylabel("log-density of the observed move")
         ax.set_title("each observed transition under the fitted law: the lowest are the moves "
                      "the model finds extreme (the five lowest dated)", fontsize=8)
@@ -294,7 +294,7 @@ def plot_pit_time(diag: dict[str, np.ndarray], path: Path) -> list[Path]:
     from scipy.stats import norm
 
     u = np.clip(np.asarray(diag["pit"], float), 1e-16, 1 - 1e-16)
-    t = np.asarray(diag["transition_time"], float)
+    t, xlabel = _time_axis(diag, "transition_time", "transition_date")
     z = norm.ppf(u)
     dates = diag.get("transition_date")
     fig, axes = plt.subplots(2, 1, figsize=(11, 5.6), sharex=True, layout="constrained",
@@ -308,7 +308,7 @@ def plot_pit_time(diag: dict[str, np.ndarray], path: Path) -> list[Path]:
     beyond = np.flatnonzero(np.abs(z) > norm.ppf(0.9995))
     expected = 0.001 * z.size
     for k in beyond[np.argsort(-np.abs(z[beyond]))][:8]:
-        when = str(dates[k]) if dates is not None else f"t = {t[k]:.6g}"
+        when = str(dates[k]) if dates is not None else f"t = {float(t[k]):.6g}"
         ax.annotate(when, (t[k], z[k]), fontsize=6, xytext=(3, 0), textcoords="offset points",
                     color="C3")
     ax.set_ylabel("z = Φ⁻¹(PIT)")
@@ -324,7 +324,7 @@ def plot_pit_time(diag: dict[str, np.ndarray], path: Path) -> list[Path]:
         axes[1].plot(centre, rolling, color="C0", lw=1.2)
     axes[1].axhline(1.0, color="k", lw=0.8)
     axes[1].set_ylabel(f"rolling mean of z²\n({window} transitions)", fontsize=8)
-    axes[1].set_xlabel("time of the transition's end (years)")
+    axes[1].set_xlabel(f"{xlabel} of the transition's end")
     axes[1].grid(alpha=0.3)
     for a in axes:
         a.tick_params(labelsize=7)
@@ -333,13 +333,27 @@ def plot_pit_time(diag: dict[str, np.ndarray], path: Path) -> list[Path]:
     return _save(fig, path)
 
 
+def _time_axis(diag: dict[str, np.ndarray], time_key: str, date_key: str
+               ) -> tuple[np.ndarray, str]:
+    """The x values of a plot against time, and their label: the dates where the data had
+    them (a time in years counted from 1970 by trading days reads years off the calendar: 2014
+    plotted as 2015.6), else the data's own time in years."""
+    dates = diag.get(date_key)
+    if dates is not None and len(dates) == len(diag[time_key]):
+        try:
+            return np.asarray([str(d) for d in dates], dtype="datetime64[s]"), "date"
+        except ValueError:
+            pass
+    return np.asarray(diag[time_key], float), "time (years)"
+
+
 def plot_filtered(diag: dict[str, np.ndarray], path: Path) -> list[Path]:
     """The latent variance as the filter sees it after each observation (mean, 5–95 % band),
     beside the proxy the user named (VIX² for V, say), and the volatility √V below: what a
     fit from prices alone says the variance was."""
     import matplotlib.pyplot as plt
 
-    t = np.asarray(diag["filtered_time"], float)
+    t, xlabel = _time_axis(diag, "filtered_time", "filtered_date")
     mean = np.asarray(diag["filtered_variance_mean"], float)
     lo, hi = (np.asarray(diag[k], float) for k in ("filtered_variance_q05", "filtered_variance_q95"))
     proxy = np.asarray(diag["filtered_proxy"], float) if "filtered_proxy" in diag else None
@@ -357,8 +371,8 @@ def plot_filtered(diag: dict[str, np.ndarray], path: Path) -> list[Path]:
         ax.tick_params(labelsize=7)
     axes[0].legend(fontsize=7, loc="upper left")
     dates = diag.get("filtered_date")
-    axes[1].set_xlabel("time (years)" + (f"; {dates[0]} … {dates[-1]}" if dates is not None
-                                         and len(dates) else ""))
+    axes[1].set_xlabel(xlabel + (f"; {dates[0]} … {dates[-1]}" if dates is not None
+                                 and len(dates) else ""))
     inside = None
     if proxy is not None and np.isfinite(proxy).any():
         ok = np.isfinite(proxy)
