@@ -145,10 +145,12 @@ class PDELikelihoodConfig:
     ridge_1d: float = 1e-3
     #: torch.compile the replayed march (``optimizer.compile``): true, false, or auto: from the
     #: evaluation after a differentiable march that took ``compile_above_s`` or longer (a
-    #: log L + ∇ of about three times that), where the compile's 10–30 s pay back within the
-    #: fit's iterations, standard errors and profiles
+    #: log L + ∇ of about three times that), where the compile's 10–60 s (two graphs, with and
+    #: without gradients, on a cold cache) pay back within the fit's iterations, standard errors
+    #: and profiles. At 0.3 s, fits of a few hundred observations whose marches took 0.3–0.45 s
+    #: ran 1.3–2.3× slower on a cold cache (the latent Heston test 67 s → 156 s)
     compile: str = "auto"
-    compile_above_s: float = 0.3
+    compile_above_s: float = 1.0
 
 
 AUTO_GRID = {1: 16, 2: 8, 3: 5}
