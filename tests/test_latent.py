@@ -38,6 +38,7 @@ def test_root_variance_coordinates_have_the_closed_form_divergences_autograd_fin
     marched = heston.in_march_coordinates(1e-4)
     x = torch.tensor([[0.1, 2 * math.sqrt(0.04) - 2], [-0.3, 2 * math.sqrt(0.2) - 2],
                       [0.0, 2 * math.sqrt(0.003) - 2]], dtype=F64)
+    below = torch.tensor([[0.0, 2 * math.sqrt(1e-5) - 2], [0.2, -2.5]], dtype=F64)  # √V < √floor
 
     class Probe(DensityEquation):  # the base class's autograd fallbacks on these coefficients
         def __init__(self):
@@ -51,12 +52,20 @@ def test_root_variance_coordinates_have_the_closed_form_divergences_autograd_fin
             return marched.diffusion_sqrt(t, y)
 
     probe = Probe()
-    torch.testing.assert_close(marched.drift_divergence(None, x),
-                               DensityEquation.drift_divergence(probe, None, x).detach())
-    div, divdiv = marched.diffusion_divergences(None, x)
-    auto_div, auto_divdiv = DensityEquation.diffusion_divergences(probe, None, x)
-    torch.testing.assert_close(div, auto_div.detach())
-    torch.testing.assert_close(divdiv, auto_divdiv.detach())
+    for points in (x, below):  # below the floor too: the coefficients continue C¹ there
+        torch.testing.assert_close(marched.drift_divergence(None, points),
+                                   DensityEquation.drift_divergence(probe, None, points).detach())
+        div, divdiv = marched.diffusion_divergences(None, points)
+        auto_div, auto_divdiv = DensityEquation.diffusion_divergences(probe, None, points)
+        torch.testing.assert_close(div, auto_div.detach())
+        torch.testing.assert_close(divdiv, auto_divdiv.detach())
+    # continuous across the floor (√V = 0.01): a quadrature point that crosses it moves the
+    # march by as little as it moves
+    edge = 2 * 0.01 - 2
+    pair = torch.tensor([[0.0, edge - 1e-9], [0.0, edge + 1e-9]], dtype=F64)
+    for field in (marched.drift(None, pair), marched.drift_divergence(None, pair),
+                  marched.diffusion_divergences(None, pair)[0]):
+        assert float((field[0] - field[1]).abs().max()) < 1e-6 * max(1.0, float(field.abs().max()))
     # Itô: 2√V − 2 has constant noise ξ and the drift (κθ − ξ²/4)/√V − κ√V
     s = 1 + x[:, 1] / 2
     d = HESTON

@@ -155,10 +155,15 @@ class HestonRootVariance(SDE):
     r"""Heston in (log S, y = 2√V − 2), Lamperti's coordinate for V, by Itô's lemma: with
     s = √V = 1 + y/2, μ = (mu − s²/2, (κθ − ξ²/4)/s − κs), σ = [[s, 0], [ξρ, ξ√(1 − ρ²)]]:
     the variance's noise is constant. D = ½[[s², ξρs], [ξρs, ξ²]]: Σⱼ∂ⱼDᵢⱼ = (ξρ/4, 0), the
-    second sum vanishes, ∇·μ = −½((κθ − ξ²/4)/s² + κ). Below s = √floor the coefficients are
-    held there (derivatives 0). Why: from a small V a day's law is far from Gaussian in log V
-    (its drift (κθ − ξ²/2)/V moves it by several units) but close to Gaussian in √V, whose
-    drift is (κθ − ξ²/4)/(2√V): the latent filter's low nodes need that.
+    second sum vanishes, ∇·μ = −½((κθ − ξ²/4)/s² + κ). Why: from a small V a day's law is far
+    from Gaussian in log V (its drift (κθ − ξ²/2)/V moves it by several units) but close to
+    Gaussian in √V, whose drift is (κθ − ξ²/4)/(2√V): the latent filter's low nodes need that.
+
+    Below s = √floor the V-drift, singular at s = 0, continues along its tangent at the floor,
+    and D is the same polynomial in s (positive semi-definite for every s): every coefficient
+    and divergence is continuous there. Held constant instead (derivatives 0 below), the
+    divergences jumped where a quadrature point crossed the floor, and so did the march and the
+    filtered log L (by 0.015 for a change of ρ by 5e-4 on the S&P 500, stalling its fit).
     """
 
     constant_diffusion = False
@@ -171,18 +176,23 @@ class HestonRootVariance(SDE):
         self.heston, self.floor = heston, math.sqrt(float(floor))
 
     def _s(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """s = 1 + y/2, and s held at the floor (where the V-drift is read)."""
         s = 1.0 + 0.5 * x[:, 1]
-        return torch.clamp(s, min=self.floor), s > self.floor
+        return s, torch.clamp(s, min=self.floor)
+
+    def _drift_slope(self, held: Tensor) -> Tensor:
+        """∂μ_y/∂y at s = ``held`` (ds/dy = ½)."""
+        h = self.heston
+        return -0.5 * ((h.rate * h.level - 0.25 * h.noise ** 2) / (held * held) + h.rate)
 
     def drift(self, t: Tensor, x: Tensor) -> Tensor:
-        h, (s, _) = self.heston, self._s(x)
-        return torch.stack([h.mu - 0.5 * s * s,
-                            (h.rate * h.level - 0.25 * h.noise ** 2) / s - h.rate * s], -1)
+        h, (s, held) = self.heston, self._s(x)
+        v = (h.rate * h.level - 0.25 * h.noise ** 2) / held - h.rate * held \
+            + self._drift_slope(held) * 2.0 * (s - held)  # the tangent below the floor
+        return torch.stack([h.mu - 0.5 * s * s, v], -1)
 
     def drift_divergence(self, t: Tensor, x: Tensor) -> Tensor:
-        h, (s, free) = self.heston, self._s(x)
-        value = -0.5 * ((h.rate * h.level - 0.25 * h.noise ** 2) / (s * s) + h.rate)
-        return torch.where(free, value, torch.zeros_like(value))
+        return self._drift_slope(self._s(x)[1])
 
     def diffusion_sqrt(self, t: Tensor, x: Tensor) -> Tensor:
         h, (s, _) = self.heston, self._s(x)
@@ -193,7 +203,7 @@ class HestonRootVariance(SDE):
         return torch.stack([first, second], -2)
 
     def diffusion_divergences(self, t: Tensor, x: Tensor) -> tuple[Tensor, Tensor]:
-        h, (s, free) = self.heston, self._s(x)
-        inside = free.to(x.dtype)
-        div = torch.stack([0.25 * h.noise * h.rho * inside, torch.zeros_like(inside)], -1)
-        return div, torch.zeros_like(inside)
+        h = self.heston
+        ones = torch.ones_like(x[:, 1])
+        div = torch.stack([0.25 * h.noise * h.rho * ones, torch.zeros_like(ones)], -1)
+        return div, torch.zeros_like(ones)
