@@ -9,7 +9,7 @@ it), one log L + ∇ is split into:
 - the backward pass,
 
 then the whole evaluation again with the march compiled (``fit.pde.compile``, which a fit turns
-on by itself when one march takes 1 s or more): its median, and its first call (the compile);
+on by itself when two marches take 0.7 s or more): its median, and its first call (the compile);
 and, from torch's profiler over one evaluation, the time inside torch's operators against the
 wall time: the rest is Python and dispatch. Cases: 1-D CIR monthly (K = 3, 16 nodes), 1-D CIR
 daily (the K the first march chooses), daily Heston with observed variance (2-D).

@@ -150,7 +150,7 @@ class PDELikelihoodConfig:
     #: and profiles. At 0.3 s, fits of a few hundred observations whose marches took 0.3–0.45 s
     #: ran 1.3–2.3× slower on a cold cache (the latent Heston test 67 s → 156 s)
     compile: str = "auto"
-    compile_above_s: float = 1.0
+    compile_above_s: float = 0.7
 
 
 AUTO_GRID = {1: 16, 2: 8, 3: 5}
