@@ -239,9 +239,10 @@ class TransitionDensity:
         self.mixture = mixture
         if march.base_points == 0 and transitions.dim in BASE_POINTS:
             march = replace(march, base_points=BASE_POINTS[transitions.dim])
-        self.march_cfg = march
-        self.base_ridge = march.ridge
         TimeMarcher(march)  # its settings checked here, before any march
+        # whether to compile is this density's state (:attr:`compiled`), not the config's
+        self.march_cfg = replace(march, compile=False)
+        self.base_ridge = march.ridge
         tr = transitions
         self.time_dependent = cfg.time_dependent == "true" or (
             cfg.time_dependent == "auto" and not probe.autonomous)
@@ -266,8 +267,9 @@ class TransitionDensity:
         self._place(self.powers)
         #: how often the replayed steps were found stale and chosen again (fit.json reports it)
         self.refreezes = 0
-        #: whether differentiable marches run compiled (``fit.pde.compile``; auto turns it on)
-        self.compiled = cfg.compile == "true"
+        #: whether the marches run compiled (``fit.pde.compile=true`` or ``optimizer.compile``;
+        #: auto turns it on)
+        self.compiled = cfg.compile == "true" or march.compile
         #: the wall time of each differentiable replay while compiling is undecided (auto)
         self.replay_seconds: list[float] = []
         eye = np.eye(tr.dim).tolist()  # a placeholder SDE; each evaluation swaps in its own
@@ -480,7 +482,7 @@ class TransitionDensity:
         ``max_steps``) where none are frozen; compiled once :attr:`compiled` is on."""
         eq = self._equation(values)
         mean0, chol0 = self._start_law(eq.sde)
-        cfg = replace(self.march_cfg, compile=self.march_cfg.compile or self.compiled)
+        cfg = replace(self.march_cfg, compile=self.compiled)
         if max_steps is not None:
             cfg = replace(cfg, max_steps=min(max_steps, cfg.max_steps))
         result = TimeMarcher(cfg).run(eq, self.ansatz, x0_batch=mean0, initial_chol=chol0,
@@ -489,8 +491,7 @@ class TransitionDensity:
                                       else self.offsets + self.eps)  # starts at t₀ + ε
         if result.compile_failed:  # said once (the march's warning); eager from now on
             self.compiled = False
-            self.march_cfg = replace(self.march_cfg, compile=False)
-            self.cfg = replace(self.cfg, compile="false")
+            self.cfg = replace(self.cfg, compile="false")  # and auto does not try again
         return result
 
     def freeze_steps(self, values: dict[str, Tensor], max_steps: int | None = None) -> int:
